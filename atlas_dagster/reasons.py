@@ -1,0 +1,96 @@
+"""Reason codes of the operation ledger (DESIGN §6) and the errors that carry them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROVIDER_AUTH_FAILED = "provider_auth_failed"
+PROVIDER_PERMISSION_DENIED = "provider_permission_denied"
+PROVIDER_CONSENT_MISSING = "provider_consent_missing"
+PROVIDER_THROTTLED = "provider_throttled"
+PROVIDER_UNAVAILABLE = "provider_unavailable"
+PROVIDER_NOT_FOUND = "provider_not_found"
+PROVIDER_BAD_RESPONSE = "provider_bad_response"
+PROVIDER_CONNECTION_MISSING = "provider_connection_missing"
+PROVIDER_CONNECTION_INVALID = "provider_connection_invalid"
+RUN_CANCELLED = "run_cancelled"
+RUN_CRASHED = "run_crashed"
+DISPATCH_FAILED = "dispatch_failed"
+INTERNAL_ERROR = "internal_error"
+
+REASON_CODES = frozenset(
+    {
+        PROVIDER_AUTH_FAILED,
+        PROVIDER_PERMISSION_DENIED,
+        PROVIDER_CONSENT_MISSING,
+        PROVIDER_THROTTLED,
+        PROVIDER_UNAVAILABLE,
+        PROVIDER_NOT_FOUND,
+        PROVIDER_BAD_RESPONSE,
+        PROVIDER_CONNECTION_MISSING,
+        PROVIDER_CONNECTION_INVALID,
+        RUN_CANCELLED,
+        RUN_CRASHED,
+        DISPATCH_FAILED,
+        INTERNAL_ERROR,
+    }
+)
+
+# Reasons that make a verification fail outright rather than partially succeed.
+BLOCKING_FOR_VERIFICATION = frozenset(
+    {
+        PROVIDER_AUTH_FAILED,
+        PROVIDER_PERMISSION_DENIED,
+        PROVIDER_CONNECTION_MISSING,
+        PROVIDER_CONNECTION_INVALID,
+    }
+)
+
+
+class AtlasError(Exception):
+    """An error with a ledger reason code. ``str(err)`` is one line, safe to log and store."""
+
+    def __init__(self, reason_code: str, message: str, *, contract_key: str | None = None):
+        if reason_code not in REASON_CODES:
+            raise ValueError(f"unknown reason code {reason_code!r}")
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.message = message
+        self.contract_key = contract_key
+
+    def as_failure(self) -> dict[str, Any]:
+        return failure(self.reason_code, self.message, self.contract_key)
+
+
+class GraphError(AtlasError):
+    """A Microsoft Graph call that failed after the client's retries."""
+
+    def __init__(
+        self,
+        reason_code: str,
+        message: str,
+        *,
+        contract_key: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+        client_request_id: str | None = None,
+    ):
+        super().__init__(reason_code, message, contract_key=contract_key)
+        self.status = status
+        self.request_id = request_id
+        self.client_request_id = client_request_id
+
+
+class DeltaExpired(GraphError):
+    """The stored delta link is no longer accepted (HTTP 410, or older than 7 days): the caller
+    must fall back to a full resync."""
+
+
+def failure(reason_code: str, message: str, contract_key: str | None = None) -> dict[str, Any]:
+    """One ``failure_summary`` entry."""
+    if reason_code not in REASON_CODES:
+        raise ValueError(f"unknown reason code {reason_code!r}")
+    entry: dict[str, Any] = {"reason_code": reason_code, "message": message[:2000]}
+    if contract_key:
+        entry["contract_key"] = contract_key
+    return entry
