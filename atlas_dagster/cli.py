@@ -1,0 +1,279 @@
+"""The ``atlas-dagster`` command (DESIGN §8).
+
+Exit codes: 0 success, 1 operation failed, 2 bad usage or config. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from atlas_dagster.config import AtlasConfig, ConfigError, load_config
+from atlas_dagster.starts import StartError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _config(args: argparse.Namespace) -> AtlasConfig:
+    if getattr(args, "config", None):
+        os.environ["ATLAS_CONFIG"] = args.config
+    return load_config()
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(out)
+
+
+# --- db ----------------------------------------------------------------------------------------
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from atlas_dagster import db
+    from atlas_dagster.resources.database import head_revision
+
+    config = _config(args)
+    engine = db.engine_for(config.database_url)
+    before = db.current_revision(engine)
+    db.upgrade(engine)
+    db.sync_config(engine, config)
+    print(f"database at revision {head_revision()} (was {before or 'empty'})")
+    return EXIT_OK
+
+
+def cmd_db_grant_readonly(args: argparse.Namespace) -> int:
+    from atlas_dagster.readonly import grant_readonly
+    from atlas_dagster.resources.database import ready_engine
+
+    config = _config(args)
+    engine = ready_engine(config)
+    if engine.dialect.name != "postgresql":
+        raise UsageError("db grant-readonly needs a PostgreSQL database_url")
+    grant_readonly(engine, args.role)
+    print(f"role {args.role} can read the atlas tables and views, and write nothing")
+    return EXIT_OK
+
+
+# --- start / runs --------------------------------------------------------------------------
+
+
+def _row_line(row: Any) -> str:
+    counts = ", ".join(f"{k}={v}" for k, v in row.summary_counts.items() if not isinstance(v, dict))
+    reasons = ", ".join(sorted({f["reason_code"] for f in row.failure_summary}))
+    parts = [f"#{row.id}", row.type, f"{row.status}/{row.outcome}"]
+    if counts:
+        parts.append(counts)
+    if reasons:
+        parts.append(f"reasons: {reasons}")
+    return "  ".join(parts)
+
+
+def _exit_for(row: Any) -> int:
+    return (
+        EXIT_FAILED if row.status == "completed" and row.outcome in ("failed", "cancelled") else 0
+    )
+
+
+def run_start(
+    args: argparse.Namespace, run_type: str, *, in_process: bool, report: Callable[[Any], None]
+) -> int:
+    from atlas_dagster.definitions import defs
+    from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.resources.ledger import OperationLedger
+    from atlas_dagster.starts import DispatchError, start_operation, wait_for
+
+    config = _config(args)
+    try:
+        outcome = start_operation(
+            config,
+            run_type,
+            defs=defs,
+            connection=getattr(args, "connection", None),
+            schedule=getattr(args, "schedule", None),
+            retry_of=getattr(args, "retry_of", None),
+            in_process=in_process,
+        )
+    except DispatchError as exc:
+        report(exc.row)
+        print(f"error: dispatch failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    row = outcome.row
+    if not outcome.created and not getattr(args, "json", False):
+        print(
+            f"an active run of the same operation exists: #{row.id} ({row.status})", file=sys.stderr
+        )
+    if getattr(args, "wait", False) and not in_process and row.status != "completed":
+        row = wait_for(OperationLedger(ready_engine(config)), row.id, timeout=args.timeout)
+    report(row)
+    return _exit_for(row) if (in_process or getattr(args, "wait", False)) else EXIT_OK
+
+
+def _reporter(args: argparse.Namespace) -> Callable[[Any], None]:
+    if getattr(args, "json", False):
+        return lambda row: _print_json(row.to_dict())
+    return lambda row: print(_row_line(row))
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return run_start(args, args.type, in_process=args.in_process, report=_reporter(args))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.resources.ledger import OperationLedger
+    from atlas_dagster.starts import _connection_id
+
+    config = _config(args)
+    engine = ready_engine(config)
+    ledger = OperationLedger(engine)
+    if args.id is not None:
+        row = ledger.get(args.id)
+        if row is None:
+            raise UsageError(f"no operation run #{args.id}")
+        rows = [row]
+    else:
+        try:
+            conn_id = _connection_id(engine, args.connection) if args.connection else None
+        except StartError as exc:
+            raise UsageError(str(exc)) from None
+        rows = ledger.list(
+            provider_connection_id=conn_id, type=args.type, status=args.status, limit=args.limit
+        )
+    if args.json:
+        _print_json([r.to_dict() for r in rows])
+        return EXIT_OK
+    keys = _connection_keys(engine)
+    print(
+        _table(
+            [
+                (
+                    r.id,
+                    keys.get(r.provider_connection_id, ""),
+                    r.type,
+                    r.status,
+                    r.outcome,
+                    r.trigger_source,
+                    r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    ", ".join(sorted({f["reason_code"] for f in r.failure_summary})),
+                )
+                for r in rows
+            ],
+            (
+                "id",
+                "connection",
+                "type",
+                "status",
+                "outcome",
+                "trigger",
+                "created (UTC)",
+                "reasons",
+            ),
+        )
+    )
+    return EXIT_OK
+
+
+def _connection_keys(engine: Any) -> dict[int, str]:
+    from atlas_dagster.db import connection_ids
+
+    return {v: k for k, v in connection_ids(engine).items()}
+
+
+# --- simulator -----------------------------------------------------------------------------
+
+
+def cmd_simulator_serve(args: argparse.Namespace) -> int:
+    from atlas_dagster.simulator import serve_forever
+
+    serve_forever(args.host, args.port, args.profile, args.seed)
+    return EXIT_OK
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from atlas_dagster.resources.ledger import RUN_TYPES
+
+    parser = argparse.ArgumentParser(prog="atlas-dagster", description=__doc__)
+    parser.add_argument(
+        "--config", help="path of atlas.yaml (default: $ATLAS_CONFIG, ./atlas.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dbp = sub.add_parser("db", help="the application database").add_subparsers(
+        dest="db_command", required=True
+    )
+    dbp.add_parser("upgrade", help="migrate the database to head").set_defaults(func=cmd_db_upgrade)
+    grant = dbp.add_parser("grant-readonly", help="a PostgreSQL role that reads and writes nothing")
+    grant.add_argument("role")
+    grant.set_defaults(func=cmd_db_grant_readonly)
+
+    start = sub.add_parser("start", help="start an operation (creates its ledger row first)")
+    start.add_argument("type", choices=sorted(RUN_TYPES))
+    start.add_argument("--connection", help="provider connection key")
+    start.add_argument("--schedule", help="backup schedule key")
+    start.add_argument("--retry-of", type=int, help="operation run id to retry")
+    start.add_argument("--in-process", action="store_true", help="run the job in this process")
+    start.add_argument("--wait", action="store_true", help="wait until the run completes")
+    start.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
+    start.add_argument("--json", action="store_true", help="print the ledger row as JSON")
+    start.set_defaults(func=cmd_start)
+
+    runs = sub.add_parser("runs", help="list operation runs")
+    runs.add_argument("--connection")
+    runs.add_argument("--type", choices=sorted(RUN_TYPES))
+    runs.add_argument("--status", choices=("queued", "running", "completed"))
+    runs.add_argument("--id", type=int, help="show one run")
+    runs.add_argument("--limit", type=int, default=50)
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=cmd_runs)
+
+    sim = sub.add_parser("simulator", help="the Microsoft Graph simulator").add_subparsers(
+        dest="sim_command", required=True
+    )
+    serve = sim.add_parser("serve", help="serve the simulator on loopback")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--profile", default="small", choices=("small", "medium", "large", "xlarge"))
+    serve.add_argument("--seed", type=int, default=1)
+    serve.set_defaults(func=cmd_simulator_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError, StartError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the last line of defence: one line, never a stack trace
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

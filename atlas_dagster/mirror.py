@@ -1,0 +1,393 @@
+"""The mirror: Dagster runs → ``operation_runs`` (DESIGN §6), and the job side of the ledger.
+
+Run-status sensors can drop or repeat events and never see runs from before their first tick, so
+every handler here is idempotent and never raises, and a reconciling sensor walks run records by
+``updated_after`` plus the ledger's active rows until the two agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.storage.dagster_run import RunRecord
+from sqlalchemy.exc import IntegrityError
+
+from atlas_dagster import schema
+from atlas_dagster.reasons import (
+    INTERNAL_ERROR,
+    RUN_CANCELLED,
+    RUN_CRASHED,
+    AtlasError,
+    failure,
+)
+from atlas_dagster.resources.ledger import (
+    RUN_TYPES,
+    TAG_BACKUP_SCHEDULE,
+    TAG_OPERATION_RUN_ID,
+    TAG_RUN_TYPE,
+    LedgerResource,
+    OperationLedger,
+    OperationRun,
+    identity_hash,
+)
+
+log = logging.getLogger("atlas_dagster.mirror")
+
+DISPATCH_GRACE = timedelta(minutes=10)
+JOB_TYPES: dict[str, str] = {}
+for _rt in RUN_TYPES.values():
+    # A job shared by several run types (backups) is adopted as its first, user-facing type.
+    JOB_TYPES.setdefault(_rt.job_name, _rt.name)
+LEDGER_JOBS = frozenset(JOB_TYPES)
+
+_QUEUED = {
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.MANAGED,
+}
+
+
+def _ts(value: float | datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _trigger(tags: dict[str, str]) -> tuple[str, str]:
+    if "dagster/schedule_name" in tags:
+        return "schedule", tags["dagster/schedule_name"]
+    if "dagster/sensor_name" in tags:
+        return "sensor", tags["dagster/sensor_name"]
+    if "dagster/backfill" in tags:
+        return "backfill", f"backfill {tags['dagster/backfill']}"
+    return "dagster_ui", tags.get("dagster/user") or "dagster-ui"
+
+
+def resolve_row(
+    ledger: OperationLedger,
+    run: dg.DagsterRun,
+    created_at: datetime | None = None,
+) -> OperationRun | None:
+    """The ledger row of a Dagster run: by tag, by run id, or adopted (created) for a run that was
+    launched without the tag (the Dagster UI). None for runs of jobs the ledger does not track."""
+    tagged = run.tags.get(TAG_OPERATION_RUN_ID)
+    if tagged and tagged.isdigit():
+        row = ledger.get(int(tagged))
+        if row is not None:
+            return row
+    row = ledger.find_by_dagster_run(run.run_id)
+    if row is not None or run.job_name not in LEDGER_JOBS:
+        return row
+    return _adopt(ledger, run, created_at)
+
+
+def _adopt(
+    ledger: OperationLedger, run: dg.DagsterRun, created_at: datetime | None
+) -> OperationRun:
+    tags = dict(run.tags)
+    run_type = tags.get(TAG_RUN_TYPE) or JOB_TYPES[run.job_name]
+    if run_type not in RUN_TYPES or RUN_TYPES[run_type].job_name != run.job_name:
+        run_type = JOB_TYPES[run.job_name]
+    if RUN_TYPES[run_type].identity == "strict":
+        # Scheduled rows are always created by their schedule before the run: an untagged
+        # backup run was started by hand.
+        run_type = JOB_TYPES[run.job_name]
+    partition = tags.get("dagster/partition")
+    conn_id = _connection_id(ledger, partition)
+    trigger_source, initiator = _trigger(tags)
+    context: dict[str, Any] = {"provider_connection_key": partition, "adopted": True}
+    if tags.get(TAG_BACKUP_SCHEDULE):
+        context["backup_schedule_key"] = tags[TAG_BACKUP_SCHEDULE]
+    rt = RUN_TYPES[run_type]
+    placeholder = None
+    if rt.identity == "deterministic":
+        # The run may be queued behind the holder of its identity (the per-tenant concurrency
+        # limit serialises them): adopt it under a placeholder identity; the job takes the real
+        # one when it starts (see claim).
+        context["pending_identity"] = identity_hash(
+            rt, {"provider_connection_id": conn_id, "target_scope": "all"}
+        )
+        placeholder = hashlib.sha256(f"adopted:{run.run_id}".encode()).hexdigest()
+    else:
+        context["nonce"] = run.run_id
+    try:
+        return ledger.start(
+            run_type,
+            provider_connection_id=conn_id,
+            trigger_source=trigger_source,
+            initiator=initiator,
+            context=context,
+            dagster_run_id=run.run_id,
+            created_at=created_at,
+            identity=placeholder,
+        ).row
+    except IntegrityError:
+        row = ledger.find_by_dagster_run(run.run_id)
+        if row is None:
+            raise
+        return row
+
+
+def _connection_id(ledger: OperationLedger, key: str | None) -> int | None:
+    if not key:
+        return None
+    import sqlalchemy as sa
+
+    pc = schema.provider_connections
+    with ledger.engine.connect() as conn:
+        return conn.execute(sa.select(pc.c.id).where(pc.c.key == key)).scalar()
+
+
+def _crash_failure(instance: DagsterInstance, run_id: str) -> dict[str, Any]:
+    message = "the Dagster run failed outside any step (its worker crashed or was killed)"
+    try:
+        records = instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.RUN_FAILURE, limit=1, ascending=False
+        ).records
+        if records and records[0].event_log_entry.dagster_event is not None:
+            text = records[0].event_log_entry.dagster_event.message or ""
+            if text:
+                message = text.strip().splitlines()[0]
+    except Exception:  # the reason is a nicety; the outcome must still be written
+        log.exception("could not read the failure event of run %s", run_id)
+    return failure(RUN_CRASHED, message)
+
+
+def mirror_record(
+    ledger: OperationLedger, instance: DagsterInstance, record: RunRecord
+) -> OperationRun | None:
+    """Bring one run's ledger row in line with the run. Idempotent."""
+    run = record.dagster_run
+    row = resolve_row(ledger, run, _ts(record.create_timestamp))
+    if row is None or row.status == "completed":
+        return row
+    if row.dagster_run_id is None:
+        ledger.attach_dagster_run(row.id, run.run_id)
+    status = run.status
+    started, ended = _ts(record.start_time), _ts(record.end_time)
+    if status == DagsterRunStatus.STARTED:
+        ledger.mark_running(row.id, dagster_run_id=run.run_id, started_at=started)
+    elif status == DagsterRunStatus.SUCCESS:
+        fresh = ledger.get(row.id) or row
+        outcome = fresh.context.get("declared_outcome") or (
+            "partially_succeeded" if fresh.failure_summary else "succeeded"
+        )
+        ledger.complete(row.id, outcome, started_at=started, completed_at=ended)
+    elif status == DagsterRunStatus.FAILURE:
+        fresh = ledger.get(row.id) or row
+        extra = [] if fresh.failure_summary else [_crash_failure(instance, run.run_id)]
+        ledger.complete(row.id, "failed", failures=extra, started_at=started, completed_at=ended)
+    elif status == DagsterRunStatus.CANCELED:
+        ledger.complete(
+            row.id,
+            "cancelled",
+            failures=[failure(RUN_CANCELLED, "the Dagster run was cancelled")],
+            started_at=started,
+            completed_at=ended,
+        )
+    return ledger.get(row.id)
+
+
+def mirror_run_id(
+    ledger: OperationLedger, instance: DagsterInstance, run_id: str
+) -> OperationRun | None:
+    record = instance.get_run_record_by_id(run_id)
+    return mirror_record(ledger, instance, record) if record else None
+
+
+@dataclass
+class ReconcileResult:
+    cursor: float | None
+    mirrored: int = 0
+    expired: list[int] = field(default_factory=list)
+    errors: int = 0
+
+
+def reconcile(
+    ledger: OperationLedger,
+    instance: DagsterInstance,
+    cursor: float | None,
+    *,
+    grace: timedelta = DISPATCH_GRACE,
+    limit: int = 200,
+    now: datetime | None = None,
+) -> ReconcileResult:
+    """One reconciliation pass: runs updated since ``cursor``, then every active ledger row."""
+    now = now or schema.utcnow()
+    result = ReconcileResult(cursor)
+    # Overlap the cursor by a second: same-timestamp updates are re-read, which is harmless.
+    after = _ts(cursor - 1.0) if cursor is not None else None
+    records = instance.get_run_records(
+        filters=RunsFilter(updated_after=after),
+        limit=limit,
+        order_by="update_timestamp",
+        ascending=True,
+    )
+    for record in records:
+        if record.dagster_run.job_name in LEDGER_JOBS:
+            result.errors += not _safely(mirror_record, ledger, instance, record)
+            result.mirrored += 1
+        stamp = _ts(record.update_timestamp)
+        if stamp is not None:
+            result.cursor = max(result.cursor or 0.0, stamp.timestamp())
+    for row in ledger.active():
+        if row.dagster_run_id is None:
+            continue
+        record = instance.get_run_record_by_id(row.dagster_run_id)
+        if record is not None:
+            result.errors += not _safely(mirror_record, ledger, instance, record)
+        elif row.created_at < now - grace and ledger.fail_dispatch(
+            row.id, f"Dagster run {row.dagster_run_id} does not exist in this instance"
+        ):
+            result.expired.append(row.id)
+    result.expired += ledger.expire_undispatched(grace, now=now)
+    return result
+
+
+def _safely(fn, *args) -> bool:
+    try:
+        fn(*args)
+        return True
+    except Exception:
+        log.exception("mirroring a run into operation_runs failed; the reconciler will retry")
+        return False
+
+
+# --- The job side ----------------------------------------------------------------------------
+
+
+class DuplicateRun(dg.Failure):
+    pass
+
+
+@dataclass
+class OperationHandle:
+    """What a running job may do to its own ledger row."""
+
+    ledger: OperationLedger
+    row: OperationRun
+
+    @property
+    def id(self) -> int:
+        return self.row.id
+
+    def progress(self, **counts: Any) -> None:
+        self.ledger.record_progress(self.row.id, summary_counts=counts)
+
+    def fail(self, reason_code: str, message: str, contract_key: str | None = None) -> None:
+        self.ledger.record_progress(
+            self.row.id, failures=[failure(reason_code, message, contract_key)]
+        )
+
+    def set_context(self, **values: Any) -> None:
+        self.ledger.record_progress(self.row.id, context=values)
+
+    def declare_outcome(self, outcome: str) -> None:
+        self.set_context(declared_outcome=outcome)
+
+
+def claim(ledger: OperationLedger, run: dg.DagsterRun) -> OperationHandle:
+    """Called by a job as it starts: find (or adopt) its row, take its identity, mark it running.
+    A run whose identity is held by another active run stops without doing the work."""
+    row = resolve_row(ledger, run, schema.utcnow())
+    if row is None:
+        raise dg.Failure(f"job {run.job_name} is not tracked by the operation ledger")
+    if row.status == "completed":
+        raise DuplicateRun(f"operation run #{row.id} is already completed ({row.outcome})")
+    pending = row.context.get("pending_identity")
+    if pending and row.run_identity_hash != pending and not ledger.take_identity(row.id, pending):
+        holder = ledger.holder_of_identity(row.provider_connection_id, pending)
+        message = (
+            f"another run of this operation is active (operation run #{holder.id})"
+            if holder
+            else "another run of this operation is active"
+        )
+        ledger.complete(row.id, "cancelled", failures=[failure(RUN_CANCELLED, message)])
+        raise DuplicateRun(message)
+    ledger.mark_running(row.id, dagster_run_id=run.run_id)
+    fresh = ledger.get(row.id)
+    assert fresh is not None
+    return OperationHandle(ledger, fresh)
+
+
+@contextmanager
+def operation_scope(
+    context: dg.OpExecutionContext | dg.AssetExecutionContext, ledger: LedgerResource
+) -> Iterator[OperationHandle]:
+    """Wraps a job's work: claims the row, and records an unexpected error before re-raising."""
+    handle = claim(ledger.ledger(), context.run)
+    try:
+        yield handle
+    except dg.Failure:
+        raise
+    except AtlasError as exc:
+        handle.fail(exc.reason_code, exc.message, exc.contract_key)
+        raise
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        handle.fail(INTERNAL_ERROR, f"{type(exc).__name__}: {first_line}"[:500])
+        raise
+
+
+# --- Sensors ----------------------------------------------------------------------------------
+
+
+def _on_status(context: dg.RunStatusSensorContext, ledger: LedgerResource) -> None:
+    try:
+        mirror_run_id(ledger.ledger(), context.instance, context.dagster_run.run_id)
+    except Exception:
+        log.exception("run-status mirror failed for %s", context.dagster_run.run_id)
+
+
+def _status_sensor(status: DagsterRunStatus, name: str):
+    @dg.run_status_sensor(
+        run_status=status,
+        name=name,
+        minimum_interval_seconds=5,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Mirrors {status.value} runs into operation_runs.",
+    )
+    def _sensor(context: dg.RunStatusSensorContext, ledger: LedgerResource):
+        _on_status(context, ledger)
+
+    return _sensor
+
+
+mirror_sensors = [
+    _status_sensor(DagsterRunStatus.STARTED, "operation_runs_mirror_started"),
+    _status_sensor(DagsterRunStatus.SUCCESS, "operation_runs_mirror_success"),
+    _status_sensor(DagsterRunStatus.FAILURE, "operation_runs_mirror_failure"),
+    _status_sensor(DagsterRunStatus.CANCELED, "operation_runs_mirror_canceled"),
+]
+
+
+@dg.sensor(
+    name="operation_runs_reconciler",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Makes operation_runs converge on Dagster's run records (dropped events, crashed "
+    "workers, runs from before the sensors started, starts that were never dispatched).",
+)
+def operation_runs_reconciler(context: dg.SensorEvaluationContext, ledger: LedgerResource):
+    cursor = float(context.cursor) if context.cursor else None
+    try:
+        result = reconcile(ledger.ledger(), context.instance, cursor)
+    except Exception:
+        log.exception("reconciliation pass failed; retrying next tick")
+        return dg.SkipReason("reconciliation pass failed; see the daemon log")
+    if result.cursor is not None:
+        context.update_cursor(str(result.cursor))
+    return dg.SkipReason(
+        f"mirrored {result.mirrored} run(s), expired {len(result.expired)} undispatched row(s)"
+    )

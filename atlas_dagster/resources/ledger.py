@@ -1,0 +1,442 @@
+"""The canonical operation ledger, ``operation_runs`` (DESIGN §6).
+
+Every start surface creates its row here before it dispatches anything. Identity and dedupe are
+enforced by the database itself (partial unique indexes), so concurrent starts from any number of
+processes converge on one active row. Status and outcome only move forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import dagster as dg
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from atlas_dagster import schema
+from atlas_dagster.reasons import DISPATCH_FAILED, failure
+from atlas_dagster.resources.database import DatabaseResource
+
+TAG_OPERATION_RUN_ID = "atlas/operation_run_id"
+TAG_RUN_TYPE = "atlas/run_type"
+TAG_BACKUP_SCHEDULE = "atlas/backup_schedule"
+
+Identity = Literal["deterministic", "nonce", "strict"]
+
+
+@dataclass(frozen=True)
+class RunType:
+    name: str
+    identity: Identity
+    job_name: str
+    needs_schedule: bool = False
+
+
+RUN_TYPES: dict[str, RunType] = {
+    t.name: t
+    for t in (
+        RunType("inventory.sync", "deterministic", "inventory_sync_job"),
+        RunType("directory_groups.sync", "deterministic", "directory_groups_sync_job"),
+        RunType("provider_connection.verify", "deterministic", "provider_connection_verify_job"),
+        RunType("backup_schedule.run_now", "nonce", "backup_job", needs_schedule=True),
+        RunType("backup_schedule.retry", "nonce", "backup_job", needs_schedule=True),
+        RunType("backup_schedule.scheduled", "strict", "backup_job", needs_schedule=True),
+    )
+}
+
+STATUSES = ("queued", "running", "completed")
+OUTCOMES = ("pending", "succeeded", "partially_succeeded", "failed", "cancelled")
+TRIGGER_SOURCES = ("cli", "dagster_ui", "schedule", "sensor", "backfill", "api", "demo")
+
+
+class LedgerError(Exception):
+    """A start that cannot be made (unknown type, missing connection or schedule, …)."""
+
+
+@dataclass(frozen=True)
+class OperationRun:
+    id: int
+    provider_connection_id: int | None
+    type: str
+    status: str
+    outcome: str
+    run_identity_hash: str
+    context: dict[str, Any]
+    summary_counts: dict[str, Any]
+    failure_summary: list[dict[str, Any]]
+    trigger_source: str
+    initiator: str
+    dagster_run_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+
+    @property
+    def active(self) -> bool:
+        return self.status in schema.ACTIVE_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, datetime):
+                out[k] = v.isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class Started:
+    row: OperationRun
+    created: bool
+
+
+def identity_hash(run_type: RunType, parts: Mapping[str, Any]) -> str:
+    """The run identity: what makes two starts "the same operation" for this run type."""
+    if run_type.identity == "deterministic":
+        key = {
+            "provider_connection_id": parts["provider_connection_id"],
+            "target_scope": parts.get("target_scope") or "all",
+        }
+    elif run_type.identity == "nonce":
+        key = {"nonce": parts["nonce"]}
+    else:
+        key = {
+            "backup_schedule_id": parts["backup_schedule_id"],
+            "scheduled_for": parts["scheduled_for"],
+        }
+    canonical = json.dumps({"type": run_type.name, **key}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def related_links(row: OperationRun | Mapping[str, Any], base_url: str) -> dict[str, str]:
+    """Deep links for a ledger row, built from its context (and run id) alone: no lookups."""
+    data = row.to_dict() if isinstance(row, OperationRun) else dict(row)
+    context = data.get("context") or {}
+    base = base_url.rstrip("/")
+    links: dict[str, str] = {}
+    if data.get("dagster_run_id"):
+        links["dagster_run"] = f"{base}/runs/{data['dagster_run_id']}"
+    asset = _ASSET_BY_TYPE.get(str(data.get("type")))
+    partition = context.get("provider_connection_key")
+    if asset and partition:
+        links["asset"] = f"{base}/assets/{asset}?view=partitions&partition={partition}"
+    if context.get("backup_schedule_run_id"):
+        links["backup_set"] = f"atlas-dagster backups export {context['backup_schedule_run_id']}"
+    if context.get("retry_of"):
+        links["retry_of"] = f"atlas-dagster runs --id {context['retry_of']}"
+    return links
+
+
+_ASSET_BY_TYPE = {
+    "inventory.sync": "inventory",
+    "directory_groups.sync": "directory_groups",
+    "backup_schedule.run_now": "backups",
+    "backup_schedule.retry": "backups",
+    "backup_schedule.scheduled": "backups",
+    "provider_connection.verify": "provider_connection_checks",
+}
+
+
+def _row(r: Any) -> OperationRun:
+    return OperationRun(
+        id=r.id,
+        provider_connection_id=r.provider_connection_id,
+        type=r.type,
+        status=r.status,
+        outcome=r.outcome,
+        run_identity_hash=r.run_identity_hash,
+        context=dict(r.context or {}),
+        summary_counts=dict(r.summary_counts or {}),
+        failure_summary=list(r.failure_summary or []),
+        trigger_source=r.trigger_source,
+        initiator=r.initiator,
+        dagster_run_id=r.dagster_run_id,
+        created_at=r.created_at,
+        started_at=r.started_at,
+        completed_at=r.completed_at,
+        updated_at=r.updated_at,
+    )
+
+
+@dataclass
+class OperationLedger:
+    """Ledger operations over one engine. Safe to share across threads."""
+
+    engine: Engine
+    t: sa.Table = field(default=schema.operation_runs, repr=False)
+
+    # --- Reads ---------------------------------------------------------------------------
+
+    def get(self, run_id: int) -> OperationRun | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(self.t).where(self.t.c.id == run_id)).first()
+        return _row(r) if r else None
+
+    def find_by_dagster_run(self, dagster_run_id: str) -> OperationRun | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                sa.select(self.t).where(self.t.c.dagster_run_id == dagster_run_id)
+            ).first()
+        return _row(r) if r else None
+
+    def list(
+        self,
+        *,
+        provider_connection_id: int | None = None,
+        type: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[OperationRun]:
+        q = sa.select(self.t).order_by(self.t.c.id.desc()).limit(limit)
+        if provider_connection_id is not None:
+            q = q.where(self.t.c.provider_connection_id == provider_connection_id)
+        if type is not None:
+            q = q.where(self.t.c.type == type)
+        if status is not None:
+            q = q.where(self.t.c.status == status)
+        if since is not None:
+            q = q.where(self.t.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(q)]
+
+    def active(self) -> list[OperationRun]:
+        q = sa.select(self.t).where(self.t.c.status.in_(schema.ACTIVE_STATUSES))
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(q.order_by(self.t.c.id))]
+
+    # --- Starts --------------------------------------------------------------------------
+
+    def start(
+        self,
+        run_type: str,
+        *,
+        provider_connection_id: int | None,
+        trigger_source: str,
+        initiator: str,
+        context: Mapping[str, Any] | None = None,
+        dagster_run_id: str | None = None,
+        status: str = "queued",
+        created_at: datetime | None = None,
+        identity: str | None = None,
+    ) -> Started:
+        """Create the row of a new operation, or return the row that already holds its identity.
+
+        ``context`` carries the identity parts (``target_scope``, ``backup_schedule_id``,
+        ``scheduled_for``; ``nonce`` is generated for nonce types when absent). ``identity``
+        overrides the computed identity hash (the mirror's placeholder for adopted runs).
+        """
+        rt = RUN_TYPES.get(run_type)
+        if rt is None:
+            raise LedgerError(f"unknown run type {run_type!r}")
+        if trigger_source not in TRIGGER_SOURCES:
+            raise LedgerError(f"unknown trigger source {trigger_source!r}")
+        ctx = dict(context or {})
+        ctx.setdefault("provider_connection_id", provider_connection_id)
+        ctx.setdefault("trigger_source", trigger_source)
+        ctx.setdefault("initiator", initiator)
+        if rt.identity == "deterministic":
+            ctx.setdefault("target_scope", "all")
+        if rt.identity == "nonce":
+            ctx.setdefault("nonce", uuid.uuid4().hex)
+        if rt.identity == "strict" and not (
+            ctx.get("backup_schedule_id") and ctx.get("scheduled_for")
+        ):
+            raise LedgerError("a scheduled backup needs backup_schedule_id and scheduled_for")
+        digest = identity or identity_hash(rt, ctx)
+        now = created_at or schema.utcnow()
+        values = {
+            "provider_connection_id": provider_connection_id,
+            "type": rt.name,
+            "status": status,
+            "outcome": "pending",
+            "run_identity_hash": digest,
+            "context": ctx,
+            "summary_counts": {},
+            "failure_summary": [],
+            "trigger_source": trigger_source,
+            "initiator": initiator,
+            "dagster_run_id": dagster_run_id,
+            "created_at": now,
+            "started_at": now if status == "running" else None,
+            "updated_at": now,
+        }
+        # Insert-or-find, retried because the active row we collided with may complete between
+        # our failed insert and our read; then the identity is free again.
+        for _ in range(50):
+            try:
+                with self.engine.begin() as conn:
+                    new_id = conn.execute(self.t.insert().values(**values)).inserted_primary_key[0]
+                row = self.get(new_id)
+                assert row is not None
+                return Started(row, True)
+            except IntegrityError:
+                existing = self._holder(rt, provider_connection_id, digest)
+                if existing is not None:
+                    return Started(existing, False)
+                if dagster_run_id is not None:
+                    existing = self.find_by_dagster_run(dagster_run_id)
+                    if existing is not None:
+                        return Started(existing, False)
+        raise LedgerError(f"could not settle the identity of a {run_type} start")
+
+    def _holder(self, rt: RunType | None, conn_id: int | None, digest: str) -> OperationRun | None:
+        q = sa.select(self.t).where(self.t.c.run_identity_hash == digest)
+        if rt is not None and rt.identity == "strict":
+            q = q.where(self.t.c.type == rt.name)
+        else:
+            q = q.where(
+                self.t.c.status.in_(schema.ACTIVE_STATUSES),
+                self.t.c.provider_connection_id == conn_id
+                if conn_id is not None
+                else self.t.c.provider_connection_id.is_(None),
+            )
+        with self.engine.connect() as conn:
+            r = conn.execute(q).first()
+        return _row(r) if r else None
+
+    def holder_of_identity(self, conn_id: int | None, digest: str) -> OperationRun | None:
+        """The active row holding a deterministic identity, if any."""
+        return self._holder(None, conn_id, digest)
+
+    def take_identity(self, run_id: int, digest: str) -> bool:
+        """Give an active row the identity ``digest``; False when another active row holds it."""
+        try:
+            return self._update(
+                run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES), run_identity_hash=digest
+            )
+        except IntegrityError:
+            return False
+
+    # --- Transitions (each moves forward only) ---------------------------------------------
+
+    def attach_dagster_run(self, run_id: int, dagster_run_id: str) -> bool:
+        return self._update(
+            run_id,
+            (self.t.c.dagster_run_id.is_(None) | (self.t.c.dagster_run_id == dagster_run_id)),
+            dagster_run_id=dagster_run_id,
+        )
+
+    def mark_running(
+        self, run_id: int, *, dagster_run_id: str | None = None, started_at: datetime | None = None
+    ) -> bool:
+        values: dict[str, Any] = {
+            "status": "running",
+            "started_at": sa.func.coalesce(self.t.c.started_at, started_at or schema.utcnow()),
+        }
+        if dagster_run_id:
+            values["dagster_run_id"] = dagster_run_id
+        return self._update(run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES), **values)
+
+    def record_progress(
+        self,
+        run_id: int,
+        *,
+        summary_counts: Mapping[str, Any] | None = None,
+        failures: Iterable[Mapping[str, Any]] = (),
+        context: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Merge counts and context, append failures — while the row is still active."""
+        with self.engine.begin() as conn:
+            r = conn.execute(
+                sa.select(self.t.c.summary_counts, self.t.c.failure_summary, self.t.c.context)
+                .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
+                .with_for_update()
+            ).first()
+            if r is None:
+                return False
+            values: dict[str, Any] = {"updated_at": schema.utcnow()}
+            if summary_counts:
+                values["summary_counts"] = {**(r.summary_counts or {}), **summary_counts}
+            new_failures = [dict(f) for f in failures]
+            if new_failures:
+                values["failure_summary"] = list(r.failure_summary or []) + new_failures
+            if context:
+                values["context"] = {**(r.context or {}), **context}
+            conn.execute(self.t.update().where(self.t.c.id == run_id).values(**values))
+        return True
+
+    def complete(
+        self,
+        run_id: int,
+        outcome: str,
+        *,
+        failures: Iterable[Mapping[str, Any]] = (),
+        summary_counts: Mapping[str, Any] | None = None,
+        started_at: datetime | None = None,
+        completed_at: datetime | None = None,
+        dagster_run_id: str | None = None,
+    ) -> bool:
+        """Complete an active row. A completed row never changes again: returns False then."""
+        if outcome not in OUTCOMES or outcome == "pending":
+            raise LedgerError(f"not a terminal outcome: {outcome!r}")
+        with self.engine.begin() as conn:
+            r = conn.execute(
+                sa.select(self.t.c.summary_counts, self.t.c.failure_summary)
+                .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
+                .with_for_update()
+            ).first()
+            if r is None:
+                return False
+            done = completed_at or schema.utcnow()
+            values: dict[str, Any] = {
+                "status": "completed",
+                "outcome": outcome,
+                "completed_at": done,
+                "started_at": sa.func.coalesce(self.t.c.started_at, started_at),
+                "updated_at": schema.utcnow(),
+                "failure_summary": list(r.failure_summary or []) + [dict(f) for f in failures],
+            }
+            if summary_counts:
+                values["summary_counts"] = {**(r.summary_counts or {}), **summary_counts}
+            if dagster_run_id:
+                values["dagster_run_id"] = dagster_run_id
+            result = conn.execute(
+                self.t.update()
+                .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
+                .values(**values)
+            )
+        return result.rowcount == 1
+
+    def fail_dispatch(self, run_id: int, message: str) -> bool:
+        return self.complete(run_id, "failed", failures=[failure(DISPATCH_FAILED, message)])
+
+    def expire_undispatched(self, grace: timedelta, *, now: datetime | None = None) -> list[int]:
+        """Queued rows that never got a Dagster run within ``grace`` are failed dispatches."""
+        cutoff = (now or schema.utcnow()) - grace
+        q = sa.select(self.t.c.id).where(
+            self.t.c.status == "queued",
+            self.t.c.dagster_run_id.is_(None),
+            self.t.c.created_at < cutoff,
+        )
+        with self.engine.connect() as conn:
+            ids = [r.id for r in conn.execute(q)]
+        return [
+            i
+            for i in ids
+            if self.fail_dispatch(i, f"no Dagster run was launched within {grace} of the start")
+        ]
+
+    def _update(self, run_id: int, condition: Any, **values: Any) -> bool:
+        values.setdefault("updated_at", schema.utcnow())
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                self.t.update().where(self.t.c.id == run_id, condition).values(**values)
+            )
+        return result.rowcount == 1
+
+
+class LedgerResource(dg.ConfigurableResource):
+    """The ledger as a Dagster resource (used by jobs, sensors and the schedules)."""
+
+    database: DatabaseResource
+
+    def ledger(self) -> OperationLedger:
+        return OperationLedger(self.database.engine())

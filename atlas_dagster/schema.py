@@ -1,0 +1,330 @@
+"""The application database schema (DESIGN §5), as SQLAlchemy Core tables.
+
+The same schema serves SQLite (embedded default) and PostgreSQL (production); Alembic migrations
+under ``migrations/`` create it, and a test checks that migrating to head yields exactly these
+tables. Every cached row carries ``provider_connection_id``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Timezone-aware UTC timestamps on both backends (SQLite stores them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None:
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given to a UTC column")
+            value = value.astimezone(UTC)
+            if dialect.name == "sqlite":
+                value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+ACTIVE_STATUSES = ("queued", "running")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _conn_fk(nullable: bool = False) -> sa.Column:
+    return sa.Column(
+        "provider_connection_id",
+        Id,
+        sa.ForeignKey("provider_connections.id"),
+        nullable=nullable,
+    )
+
+
+provider_connections = sa.Table(
+    "provider_connections",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(63), nullable=False, unique=True),
+    sa.Column("display_name", sa.String(255), nullable=False),
+    sa.Column("tenant_id", sa.String(255)),
+    sa.Column("client_id", sa.String(64)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+backup_schedules = sa.Table(
+    "backup_schedules",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(63), nullable=False, unique=True),
+    _conn_fk(),
+    sa.Column("cron", sa.String(120), nullable=False),
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("policy_types", JSONType, nullable=False),
+    sa.Column("retention_days", sa.Integer, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Key/value facts the views need (the Dagster webserver URL for run links).
+atlas_settings = sa.Table(
+    "atlas_settings",
+    metadata,
+    sa.Column("key", sa.String(63), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+operation_runs = sa.Table(
+    "operation_runs",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    _conn_fk(nullable=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("run_identity_hash", sa.String(64), nullable=False),
+    sa.Column("context", JSONType, nullable=False),
+    sa.Column("summary_counts", JSONType, nullable=False),
+    sa.Column("failure_summary", JSONType, nullable=False),
+    sa.Column("trigger_source", sa.String(32), nullable=False),
+    sa.Column("initiator", sa.String(255), nullable=False),
+    sa.Column("dagster_run_id", sa.String(64)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("completed_at", UTCDateTime),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint(
+        "status IN ('queued', 'running', 'completed')", name="ck_operation_runs_status"
+    ),
+    sa.CheckConstraint(
+        "outcome IN ('pending', 'succeeded', 'partially_succeeded', 'failed', 'cancelled')",
+        name="ck_operation_runs_outcome",
+    ),
+    # Active dedupe lives in the database: one queued/running row per identity.
+    sa.Index(
+        "uq_operation_runs_active_identity",
+        "provider_connection_id",
+        "run_identity_hash",
+        unique=True,
+        sqlite_where=sa.text("status IN ('queued', 'running')"),
+        postgresql_where=sa.text("status IN ('queued', 'running')"),
+    ),
+    # A scheduled backup identity exists once, in any status.
+    sa.Index(
+        "uq_operation_runs_scheduled_identity",
+        "run_identity_hash",
+        unique=True,
+        sqlite_where=sa.text("type = 'backup_schedule.scheduled'"),
+        postgresql_where=sa.text("type = 'backup_schedule.scheduled'"),
+    ),
+    sa.Index("uq_operation_runs_dagster_run_id", "dagster_run_id", unique=True),
+    sa.Index("ix_operation_runs_conn_type_created", "provider_connection_id", "type", "created_at"),
+    sa.Index("ix_operation_runs_status", "status"),
+)
+
+inventory_items = sa.Table(
+    "inventory_items",
+    metadata,
+    _conn_fk(),
+    sa.Column("contract_key", sa.String(64), nullable=False),
+    sa.Column("external_id", sa.String(255), nullable=False),
+    sa.Column("odata_type", sa.String(255)),
+    sa.Column("policy_type", sa.String(128), nullable=False),
+    sa.Column("display_name", sa.Text),
+    sa.Column("platform", sa.String(32)),
+    sa.Column("last_modified_at", UTCDateTime),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("is_builtin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("first_seen_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen_at", UTCDateTime, nullable=False),
+    sa.Column("deleted_at", UTCDateTime),
+    sa.PrimaryKeyConstraint("provider_connection_id", "contract_key", "external_id"),
+    sa.Index("ix_inventory_items_policy_type", "provider_connection_id", "policy_type"),
+)
+
+inventory_assignments = sa.Table(
+    "inventory_assignments",
+    metadata,
+    _conn_fk(),
+    sa.Column("contract_key", sa.String(64), nullable=False),
+    sa.Column("external_id", sa.String(255), nullable=False),
+    sa.Column("target_type", sa.String(128), nullable=False),
+    sa.Column("group_id", sa.String(64)),
+    sa.Column("filter_id", sa.String(64)),
+    sa.Column("filter_type", sa.String(32)),
+    sa.Column("intent", sa.String(32), nullable=False),
+    sa.Index(
+        "ix_inventory_assignments_item", "provider_connection_id", "contract_key", "external_id"
+    ),
+    sa.Index("ix_inventory_assignments_group", "provider_connection_id", "group_id"),
+)
+
+directory_groups = sa.Table(
+    "directory_groups",
+    metadata,
+    _conn_fk(),
+    sa.Column("group_id", sa.String(64), nullable=False),
+    sa.Column("display_name", sa.Text),
+    sa.Column("mail", sa.Text),
+    sa.Column("mail_nickname", sa.Text),
+    sa.Column("security_enabled", sa.Boolean),
+    sa.Column("mail_enabled", sa.Boolean),
+    sa.Column("group_types", JSONType),
+    sa.Column("membership_rule", sa.Text),
+    sa.Column("created_at", UTCDateTime),
+    sa.Column("first_seen_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen_at", UTCDateTime, nullable=False),
+    sa.Column("deleted_at", UTCDateTime),
+    sa.PrimaryKeyConstraint("provider_connection_id", "group_id"),
+)
+
+directory_delta_links = sa.Table(
+    "directory_delta_links",
+    metadata,
+    _conn_fk(),
+    sa.Column("contract_key", sa.String(64), nullable=False),
+    sa.Column("delta_link", sa.Text, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.PrimaryKeyConstraint("provider_connection_id", "contract_key"),
+)
+
+backup_sets = sa.Table(
+    "backup_sets",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    _conn_fk(),
+    sa.Column("backup_schedule_id", Id, sa.ForeignKey("backup_schedules.id")),
+    sa.Column("operation_run_id", Id, sa.ForeignKey("operation_runs.id")),
+    sa.Column("scheduled_for", UTCDateTime),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("completed_at", UTCDateTime),
+    sa.Column("item_count", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("policy_types", JSONType, nullable=False),
+    sa.Column("failure_summary", JSONType, nullable=False),
+    sa.Index("ix_backup_sets_schedule", "backup_schedule_id", "created_at"),
+)
+
+backup_payloads = sa.Table(
+    "backup_payloads",
+    metadata,
+    sa.Column("content_hash", sa.String(64), primary_key=True),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+backup_items = sa.Table(
+    "backup_items",
+    metadata,
+    sa.Column("backup_set_id", Id, sa.ForeignKey("backup_sets.id"), nullable=False),
+    sa.Column("contract_key", sa.String(64), nullable=False),
+    sa.Column("external_id", sa.String(255), nullable=False),
+    sa.Column("policy_type", sa.String(128)),
+    sa.Column("display_name", sa.Text),
+    sa.Column(
+        "content_hash",
+        sa.String(64),
+        sa.ForeignKey("backup_payloads.content_hash"),
+        nullable=False,
+    ),
+    sa.PrimaryKeyConstraint("backup_set_id", "contract_key", "external_id"),
+    sa.Index("ix_backup_items_content_hash", "content_hash"),
+)
+
+provider_connection_checks = sa.Table(
+    "provider_connection_checks",
+    metadata,
+    _conn_fk(),
+    sa.Column("contract_key", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("missing_permissions", JSONType, nullable=False),
+    sa.Column("reason_code", sa.String(64)),
+    sa.Column("message", sa.Text),
+    sa.Column("checked_at", UTCDateTime, nullable=False),
+    sa.Column("operation_run_id", Id, sa.ForeignKey("operation_runs.id")),
+    sa.PrimaryKeyConstraint("provider_connection_id", "contract_key"),
+)
+
+# Views for humans (DESIGN §5). Plain SQL that both SQLite and PostgreSQL accept.
+VIEWS: dict[str, str] = {
+    "v_operation_runs": """
+        SELECT r.id, pc.key AS provider_connection, r.provider_connection_id, r.type, r.status,
+               r.outcome, r.trigger_source, r.initiator, r.created_at, r.started_at,
+               r.completed_at, r.updated_at, r.summary_counts, r.failure_summary, r.context,
+               r.dagster_run_id,
+               CASE WHEN r.dagster_run_id IS NULL THEN NULL
+                    ELSE COALESCE((SELECT s.value FROM atlas_settings s
+                                   WHERE s.key = 'dagster_webserver_url'),
+                                  'http://127.0.0.1:3000')
+                         || '/runs/' || r.dagster_run_id END AS dagster_run_url
+        FROM operation_runs r
+        LEFT JOIN provider_connections pc ON pc.id = r.provider_connection_id
+    """,
+    "v_inventory_current": """
+        SELECT pc.key AS provider_connection, i.provider_connection_id, i.contract_key,
+               i.external_id, i.odata_type, i.policy_type, i.display_name, i.platform,
+               i.is_builtin, i.last_modified_at, i.content_hash, i.first_seen_at,
+               i.last_seen_at, i.payload
+        FROM inventory_items i
+        JOIN provider_connections pc ON pc.id = i.provider_connection_id
+        WHERE i.deleted_at IS NULL
+    """,
+    "v_assignments_readable": """
+        SELECT pc.key AS provider_connection, a.provider_connection_id, a.contract_key,
+               a.external_id, i.display_name AS policy_name, i.policy_type, a.target_type,
+               a.intent, a.group_id,
+               CASE WHEN a.group_id IS NULL THEN NULL
+                    ELSE COALESCE(g.display_name, a.group_id) END AS group_name,
+               g.deleted_at AS group_deleted_at,
+               a.filter_id, f.display_name AS filter_name, a.filter_type
+        FROM inventory_assignments a
+        JOIN provider_connections pc ON pc.id = a.provider_connection_id
+        JOIN inventory_items i ON i.provider_connection_id = a.provider_connection_id
+             AND i.contract_key = a.contract_key AND i.external_id = a.external_id
+        LEFT JOIN directory_groups g ON g.provider_connection_id = a.provider_connection_id
+             AND g.group_id = a.group_id
+        LEFT JOIN inventory_items f ON f.provider_connection_id = a.provider_connection_id
+             AND f.contract_key = 'assignment_filters' AND f.external_id = a.filter_id
+        WHERE i.deleted_at IS NULL
+    """,
+}
+
+CACHED_TABLES = (
+    "provider_connections",
+    "backup_schedules",
+    "operation_runs",
+    "inventory_items",
+    "inventory_assignments",
+    "directory_groups",
+    "directory_delta_links",
+    "backup_sets",
+    "backup_items",
+    "backup_payloads",
+    "provider_connection_checks",
+    "atlas_settings",
+)

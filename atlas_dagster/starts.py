@@ -1,0 +1,277 @@
+"""Start surfaces (DESIGN §6): create the ledger row first, then dispatch the Dagster run.
+
+A start that meets an active row of the same identity returns that row and dispatches nothing.
+Dispatch is either in this process (``execute_in_process`` against the instance at
+``DAGSTER_HOME``) or a submission to a running Dagster webserver through its GraphQL API.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+
+from atlas_dagster import schema
+from atlas_dagster.config import AtlasConfig
+from atlas_dagster.connections import sync_partitions
+from atlas_dagster.mirror import mirror_run_id
+from atlas_dagster.resources.database import ready_engine
+from atlas_dagster.resources.ledger import (
+    RUN_TYPES,
+    TAG_BACKUP_SCHEDULE,
+    TAG_OPERATION_RUN_ID,
+    TAG_RUN_TYPE,
+    OperationLedger,
+    OperationRun,
+)
+
+INSTANCE_TEMPLATE = Path(__file__).parent / "instance" / "dagster.yaml"
+LOCATION_NAME = "atlas_dagster"
+RETRYABLE_OUTCOMES = ("failed", "partially_succeeded")
+
+
+class StartError(Exception):
+    """A start that is not possible as asked (exit code 2: bad usage or config)."""
+
+
+class DispatchError(Exception):
+    """The row was created but no run could be dispatched (exit code 1)."""
+
+    def __init__(self, message: str, row: OperationRun):
+        super().__init__(message)
+        self.row = row
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    row: OperationRun
+    created: bool
+    dispatched: bool
+
+
+def job_names(defs: dg.Definitions) -> set[str]:
+    return {job.name for job in defs.resolve_all_job_defs()}
+
+
+def ensure_dagster_home() -> Path:
+    """DAGSTER_HOME, defaulting to ``.atlas/dagster`` with the shipped instance config."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".atlas/dagster").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    if not target.exists():
+        shutil.copyfile(INSTANCE_TEMPLATE, target)
+    return home
+
+
+def _connection_id(engine: sa.Engine, key: str) -> int:
+    pc = schema.provider_connections
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(pc.c.id).where(pc.c.key == key)).scalar()
+    if found is None:
+        raise StartError(f"no provider connection {key!r} in the database")
+    return int(found)
+
+
+def _schedule_row(engine: sa.Engine, key: str) -> Any:
+    bs = schema.backup_schedules
+    with engine.connect() as conn:
+        return conn.execute(sa.select(bs).where(bs.c.key == key)).first()
+
+
+def start_operation(
+    config: AtlasConfig,
+    run_type: str,
+    *,
+    defs: dg.Definitions,
+    connection: str | None = None,
+    schedule: str | None = None,
+    retry_of: int | None = None,
+    scheduled_for: datetime | None = None,
+    trigger_source: str = "cli",
+    initiator: str | None = None,
+    in_process: bool = False,
+    instance: dg.DagsterInstance | None = None,
+) -> StartOutcome:
+    rt = RUN_TYPES.get(run_type)
+    if rt is None:
+        raise StartError(f"unknown run type {run_type!r} (one of {', '.join(RUN_TYPES)})")
+    if rt.job_name not in job_names(defs):
+        raise StartError(f"run type {run_type} has no job yet ({rt.job_name} is not defined)")
+    engine = ready_engine(config)
+    ledger = OperationLedger(engine)
+    context: dict[str, Any] = {}
+    tags: dict[str, str] = {TAG_RUN_TYPE: run_type}
+
+    if rt.needs_schedule:
+        if retry_of is not None:
+            schedule = schedule or _retry_schedule(ledger, engine, retry_of, run_type)
+        if not schedule:
+            raise StartError(f"{run_type} needs --schedule")
+        srow = _schedule_row(engine, schedule)
+        if srow is None or schedule not in {s.key for s in config.backup_schedules}:
+            raise StartError(f"no backup schedule {schedule!r} in the config")
+        pc = schema.provider_connections
+        with engine.connect() as conn:
+            conn_key = conn.execute(
+                sa.select(pc.c.key).where(pc.c.id == srow.provider_connection_id)
+            ).scalar_one()
+        if connection and connection != conn_key:
+            raise StartError(f"schedule {schedule!r} belongs to connection {conn_key!r}")
+        connection = conn_key
+        context.update(backup_schedule_id=srow.id, backup_schedule_key=schedule)
+        tags[TAG_BACKUP_SCHEDULE] = schedule
+        if run_type == "backup_schedule.retry":
+            if retry_of is None:
+                raise StartError("backup_schedule.retry needs --retry-of ID")
+            context["retry_of"] = retry_of
+        if run_type == "backup_schedule.scheduled":
+            if scheduled_for is None:
+                raise StartError("backup_schedule.scheduled is started by its schedule only")
+            context["scheduled_for"] = scheduled_for.isoformat()
+    elif retry_of is not None:
+        raise StartError("--retry-of applies to backup_schedule.retry only")
+    if not connection:
+        raise StartError(f"{run_type} needs --connection")
+    if connection not in {c.key for c in config.provider_connections}:
+        raise StartError(f"no provider connection {connection!r} in the config ({config.source})")
+    conn_id = _connection_id(engine, connection)
+    context["provider_connection_key"] = connection
+
+    started = ledger.start(
+        run_type,
+        provider_connection_id=conn_id,
+        trigger_source=trigger_source,
+        initiator=initiator or _whoami(),
+        context=context,
+    )
+    if not started.created:
+        return StartOutcome(started.row, created=False, dispatched=False)
+    tags[TAG_OPERATION_RUN_ID] = str(started.row.id)
+    tags["dagster/partition"] = connection
+    try:
+        if in_process:
+            row = _execute_in_process(ledger, defs, rt.job_name, connection, tags, instance)
+        else:
+            row = _submit(ledger, config, rt.job_name, tags, started.row)
+    except DispatchError:
+        raise
+    except Exception as exc:  # any failure to hand the run over is a dispatch failure
+        ledger.fail_dispatch(started.row.id, _one_line(exc))
+        raise DispatchError(_one_line(exc), ledger.get(started.row.id) or started.row) from None
+    return StartOutcome(row, created=True, dispatched=True)
+
+
+def _retry_schedule(
+    ledger: OperationLedger, engine: sa.Engine, retry_of: int, run_type: str
+) -> str:
+    original = ledger.get(retry_of)
+    if original is None or not original.type.startswith("backup_schedule."):
+        raise StartError(f"operation run #{retry_of} is not a backup run")
+    if original.status != "completed" or original.outcome not in RETRYABLE_OUTCOMES:
+        raise StartError(
+            f"operation run #{retry_of} is {original.status}/{original.outcome}; only failed or "
+            "partially succeeded backups can be retried"
+        )
+    key = original.context.get("backup_schedule_key")
+    if not key:
+        raise StartError(f"operation run #{retry_of} names no backup schedule")
+    return str(key)
+
+
+def _execute_in_process(
+    ledger: OperationLedger,
+    defs: dg.Definitions,
+    job_name: str,
+    partition: str,
+    tags: dict[str, str],
+    instance: dg.DagsterInstance | None,
+) -> OperationRun:
+    from dagster._core.utils import make_new_run_id
+
+    if instance is None:
+        ensure_dagster_home()
+        instance = dg.DagsterInstance.get()
+    sync_partitions(instance, [partition])
+    run_id = make_new_run_id()
+    row_id = int(tags[TAG_OPERATION_RUN_ID])
+    ledger.attach_dagster_run(row_id, run_id)
+    job = defs.resolve_job_def(job_name)
+    job.execute_in_process(
+        instance=instance,
+        partition_key=partition,
+        tags={k: v for k, v in tags.items() if k != "dagster/partition"},
+        run_id=run_id,
+        raise_on_error=False,
+    )
+    # No daemon watches in-process runs: mirror the finished run here, by the same code path.
+    row = mirror_run_id(ledger, instance, run_id)
+    if row is None:
+        raise RuntimeError(f"Dagster run {run_id} vanished")
+    return row
+
+
+def _submit(
+    ledger: OperationLedger,
+    config: AtlasConfig,
+    job_name: str,
+    tags: dict[str, str],
+    row: OperationRun,
+) -> OperationRun:
+    from urllib.parse import urlsplit
+
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    url = urlsplit(config.dagster_webserver_url)
+    client = DagsterGraphQLClient(
+        url.hostname or "127.0.0.1",
+        port_number=url.port,
+        use_https=url.scheme == "https",
+        timeout=30,
+    )
+    try:
+        run_id = client.submit_job_execution(
+            job_name, repository_location_name=LOCATION_NAME, tags=tags
+        )
+    except DagsterGraphQLClientError as exc:
+        message = (
+            f"could not submit {job_name} to the Dagster webserver at "
+            f"{config.dagster_webserver_url}: {_one_line(exc)}"
+        )
+        ledger.fail_dispatch(row.id, message)
+        raise DispatchError(message, ledger.get(row.id) or row) from None
+    ledger.attach_dagster_run(row.id, run_id)
+    return ledger.get(row.id) or row
+
+
+def wait_for(
+    ledger: OperationLedger, row_id: int, timeout: float, poll: float = 1.0
+) -> OperationRun:
+    """Poll a row until it completes (the daemon's mirror completes it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = ledger.get(row_id)
+        assert row is not None
+        if row.status == "completed" or time.monotonic() > deadline:
+            return row
+        time.sleep(poll)
+
+
+def _whoami() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]

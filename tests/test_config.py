@@ -1,0 +1,187 @@
+"""Config loading: expansion, the demo default, and one-line errors that change nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atlas_dagster.config import ConfigError, Secret, load_config, parse_config
+from tests.conftest import write_config
+
+GOOD_CONNECTION = """\
+  - key: contoso
+    display_name: Contoso Ltd
+    tenant_id: 6f1c2d3e-0000-4000-8000-000000000001
+    client_id: 1b2c3d4e-0000-4000-8000-000000000002
+    client_secret: ${CONTOSO_SECRET}
+"""
+
+
+def _cfg(connections: str = GOOD_CONNECTION, schedules: str = "", top: str = "") -> str:
+    text = f"{top}provider_connections:\n{connections}"
+    if schedules:
+        text += f"backup_schedules:\n{schedules}"
+    return text
+
+
+SCHEDULE = """\
+  - key: nightly
+    provider_connection: contoso
+    cron: "0 2 * * *"
+    timezone: Europe/Berlin
+"""
+
+
+def test_demo_config_applies_without_a_file(monkeypatch, tmp_path):
+    config = load_config()
+    assert config.source == "<built-in demo config>"
+    assert [c.key for c in config.provider_connections] == ["contoso-demo"]
+    assert config.provider_connections[0].simulated is not None
+    assert [(s.key, s.enabled) for s in config.backup_schedules] == [("contoso-demo-nightly", True)]
+    assert config.database_url == f"sqlite:///{tmp_path / '.atlas' / 'atlas.db'}"
+
+
+def test_atlas_config_env_wins_over_local_file(monkeypatch, tmp_path):
+    (tmp_path / "atlas.yaml").write_text("provider_connections: []\n")
+    other = tmp_path / "other.yaml"
+    other.write_text(_cfg(), encoding="utf-8")
+    monkeypatch.setenv("ATLAS_CONFIG", str(other))
+    monkeypatch.setenv("CONTOSO_SECRET", "s3cr3t")
+    assert [c.key for c in load_config().provider_connections] == ["contoso"]
+    monkeypatch.delenv("ATLAS_CONFIG")
+    assert load_config().provider_connections == ()
+
+
+def test_variables_and_defaults_are_expanded_and_secrets_masked():
+    config = parse_config(
+        _cfg(top="database_url: ${DB_URL:-sqlite:////tmp/x.db}\n"),
+        "atlas.yaml",
+        {"CONTOSO_SECRET": "p@ss: {not yaml}"},
+    )
+    assert config.database_url == "sqlite:////tmp/x.db"
+    secret = config.provider_connections[0].client_secret
+    assert isinstance(secret, Secret) and secret.reveal() == "p@ss: {not yaml}"
+    assert "p@ss" not in repr(config) and "p@ss" not in str(secret)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        pytest.param(
+            _cfg(GOOD_CONNECTION + "    colour: blue\n"),
+            {"CONTOSO_SECRET": "x"},
+            "provider_connections[contoso].colour: unknown key",
+            id="unknown-key",
+        ),
+        pytest.param(
+            _cfg(GOOD_CONNECTION + GOOD_CONNECTION),
+            {"CONTOSO_SECRET": "x"},
+            "provider_connections[contoso].key: duplicate key 'contoso'",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            _cfg(schedules=SCHEDULE.replace("0 2 * * *", "0 25 * * *")),
+            {"CONTOSO_SECRET": "x"},
+            "backup_schedules[nightly].cron: not a valid cron expression",
+            id="bad-cron",
+        ),
+        pytest.param(
+            _cfg(schedules=SCHEDULE.replace("Europe/Berlin", "Mars/Olympus")),
+            {"CONTOSO_SECRET": "x"},
+            "backup_schedules[nightly].timezone: unknown timezone 'Mars/Olympus'",
+            id="bad-timezone",
+        ),
+        pytest.param(
+            _cfg(
+                schedules=SCHEDULE.replace(
+                    "provider_connection: contoso", "provider_connection: nope"
+                )
+            ),
+            {"CONTOSO_SECRET": "x"},
+            "backup_schedules[nightly].provider_connection: no provider connection with key 'nope'",
+            id="missing-connection",
+        ),
+        pytest.param(
+            _cfg(),
+            {},
+            "provider_connections[contoso].client_secret: environment variable CONTOSO_SECRET is not set",
+            id="missing-secret-variable",
+        ),
+        pytest.param(
+            _cfg(schedules=SCHEDULE + "    policy_types: [device_configurations, warp_drives]\n"),
+            {"CONTOSO_SECRET": "x"},
+            "backup_schedules[nightly].policy_types: unknown contract 'warp_drives'",
+            id="unknown-contract",
+        ),
+        pytest.param(
+            _cfg(GOOD_CONNECTION + "    graph_base_url: http://graph.example.com\n"),
+            {"CONTOSO_SECRET": "x"},
+            "provider_connections[contoso].graph_base_url: plain http:// is accepted only for loopback",
+            id="http-non-loopback",
+        ),
+        pytest.param(
+            "provider_connections: [\n",
+            {},
+            "not valid YAML",
+            id="broken-yaml",
+        ),
+    ],
+)
+def test_invalid_config_is_one_line_naming_file_entry_and_field(text, env, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "/etc/atlas/atlas.yaml", env)
+    message = str(err.value)
+    assert message.startswith("/etc/atlas/atlas.yaml: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_loopback_http_is_accepted_for_simulators():
+    text = _cfg(
+        GOOD_CONNECTION
+        + "    graph_base_url: http://127.0.0.1:8765\n    login_base_url: http://localhost:8765/\n"
+    )
+    conn = parse_config(text, "a.yaml", {"CONTOSO_SECRET": "x"}).provider_connections[0]
+    assert (conn.graph_base_url, conn.login_base_url) == (
+        "http://127.0.0.1:8765",
+        "http://localhost:8765",
+    )
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "atlas_dagster.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_invalid_config_changes_no_database(tmp_path, sqlite_url):
+    import sqlalchemy as sa
+
+    cfg = write_config(tmp_path / "atlas.yaml", sqlite_url)
+    ok = _cli("db", "upgrade", cwd=tmp_path, env={"ATLAS_CONFIG": str(cfg)})
+    assert ok.returncode == 0, ok.stderr
+    engine = sa.create_engine(sqlite_url)
+    with engine.connect() as conn:
+        before = conn.exec_driver_sql("SELECT key, cron FROM backup_schedules").fetchall()
+    broken = cfg.read_text().replace('cron: "0 2 * * *"', 'cron: "61 * * * *"')
+    broken += "  - key: second\n    provider_connection: contoso\n    cron: '0 3 * * *'\n"
+    cfg.write_text(broken)
+    bad = _cli("db", "upgrade", cwd=tmp_path, env={"ATLAS_CONFIG": str(cfg)})
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert "backup_schedules[contoso-nightly].cron" in bad.stderr
+    with engine.connect() as conn:
+        after = conn.exec_driver_sql("SELECT key, cron FROM backup_schedules").fetchall()
+    assert after == before
+    engine.dispose()
