@@ -45,6 +45,21 @@ from graph_contracts import BATCH_SIZE, CONTRACTS, Contract
 
 log = logging.getLogger("atlas_dagster.graph")
 
+
+class _DropQueries(logging.Filter):
+    """httpx logs every request URL at INFO; Graph's skip and delta tokens live in the query,
+    so the query is cut before the line reaches any handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 2 and isinstance(args[1], httpx.URL):
+            record.args = (args[0], args[1].copy_with(query=None), *args[2:])
+        return True
+
+
+if not any(isinstance(f, _DropQueries) for f in logging.getLogger("httpx").filters):
+    logging.getLogger("httpx").addFilter(_DropQueries())
+
 RETRY_STATUSES = frozenset({429, 503, 504})
 MAX_ATTEMPTS = 8  # per request, for throttling and 5xx
 MAX_TRANSIENT = 3  # timeouts, transport errors, malformed bodies

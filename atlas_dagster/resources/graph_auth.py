@@ -106,6 +106,9 @@ def build_app(
             authority=f"{ENTRA_LOGIN}/{connection.tenant_id}",
             http_client=http_client,
             token_cache=msal.TokenCache(),
+            # The login host is configured; asking Entra's central discovery which aliases it
+            # has would be one more call to a host that tests and the simulator replace.
+            instance_discovery=False,
         )
     except ValueError as exc:
         # msal raises ValueError for an unknown tenant (OIDC discovery) or a bad key; its text
