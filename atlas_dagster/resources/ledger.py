@@ -329,7 +329,8 @@ class OperationLedger:
     ) -> bool:
         values: dict[str, Any] = {
             "status": "running",
-            "started_at": sa.func.coalesce(self.t.c.started_at, started_at or schema.utcnow()),
+            # Dagster's own start time wins over the job's first sight of its run.
+            "started_at": started_at or sa.func.coalesce(self.t.c.started_at, schema.utcnow()),
         }
         if dagster_run_id:
             values["dagster_run_id"] = dagster_run_id
@@ -390,7 +391,7 @@ class OperationLedger:
                 "status": "completed",
                 "outcome": outcome,
                 "completed_at": done,
-                "started_at": sa.func.coalesce(self.t.c.started_at, started_at),
+                "started_at": started_at or self.t.c.started_at,
                 "updated_at": schema.utcnow(),
                 "failure_summary": list(r.failure_summary or []) + [dict(f) for f in failures],
             }

@@ -1,0 +1,180 @@
+"""The mirror and reconciler against a real Dagster instance (no daemon: passes are driven here)."""
+
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import pytest
+from dagster._core.utils import make_new_run_id
+
+from atlas_dagster import db
+from atlas_dagster.connections import provider_connection_partitions, sync_partitions
+from atlas_dagster.mirror import LEDGER_JOBS, operation_scope, reconcile
+from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.resources.ledger import TAG_OPERATION_RUN_ID, LedgerResource, OperationLedger
+from tests.conftest import write_config
+
+
+@dg.op
+def sync_op(context: dg.OpExecutionContext, ledger: LedgerResource, database: DatabaseResource):
+    with operation_scope(context, ledger) as handle:
+        if context.run.tags.get("test/behaviour") == "raise":
+            raise ValueError("exploded\nsecond line")
+        handle.progress(items=5)
+
+
+@dg.job(name="inventory_sync_job", partitions_def=provider_connection_partitions)
+def fake_inventory_job():
+    sync_op()
+
+
+@pytest.fixture
+def env(tmp_path, database_url):
+    cfg = write_config(tmp_path / "atlas.yaml", database_url)
+    database = DatabaseResource(config_path=str(cfg))
+    ledger_res = LedgerResource(database=database)
+    job = fake_inventory_job
+    with dg.instance_for_test() as instance:
+        sync_partitions(instance, ["contoso"])
+        yield {
+            "instance": instance,
+            "ledger": OperationLedger(database.engine()),
+            "resources": {"ledger": ledger_res, "database": database},
+            "job": job,
+            "conn_id": db.connection_ids(database.engine())["contoso"],
+        }
+
+
+def _execute(env, tags, run_id=None):
+    return env["job"].execute_in_process(
+        instance=env["instance"],
+        partition_key="contoso",
+        tags=tags,
+        resources=env["resources"],
+        raise_on_error=False,
+        run_id=run_id or make_new_run_id(),
+    )
+
+
+def _start(env):
+    return (
+        env["ledger"]
+        .start(
+            "inventory.sync",
+            provider_connection_id=env["conn_id"],
+            trigger_source="cli",
+            initiator="t",
+        )
+        .row
+    )
+
+
+def test_job_name_is_tracked():
+    assert "inventory_sync_job" in LEDGER_JOBS
+
+
+def test_tagged_successful_run_completes_its_row_with_run_timestamps(env):
+    row = _start(env)
+    result = _execute(env, {TAG_OPERATION_RUN_ID: str(row.id)})
+    assert result.success
+    reconcile(env["ledger"], env["instance"], None)
+    done = env["ledger"].get(row.id)
+    record = env["instance"].get_run_record_by_id(result.run_id)
+    assert (done.status, done.outcome, done.dagster_run_id) == (
+        "completed",
+        "succeeded",
+        result.run_id,
+    )
+    assert done.summary_counts == {"items": 5}
+    assert abs(done.started_at.timestamp() - record.start_time) < 0.01
+    assert abs(done.completed_at.timestamp() - record.end_time) < 0.01
+
+
+def test_failing_job_records_internal_error_one_line(env):
+    row = _start(env)
+    result = _execute(env, {TAG_OPERATION_RUN_ID: str(row.id), "test/behaviour": "raise"})
+    assert not result.success
+    reconcile(env["ledger"], env["instance"], None)
+    done = env["ledger"].get(row.id)
+    assert (done.status, done.outcome) == ("completed", "failed")
+    assert done.failure_summary == [
+        {"reason_code": "internal_error", "message": "ValueError: exploded"}
+    ]
+
+
+def test_untagged_run_gets_exactly_one_row_from_the_mirror(env):
+    result = _execute(env, {})
+    for _ in range(3):  # repeated passes and events are harmless
+        reconcile(env["ledger"], env["instance"], None)
+    rows = env["ledger"].list()
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.type, row.status, row.outcome) == ("inventory.sync", "completed", "succeeded")
+    assert (row.trigger_source, row.dagster_run_id) == ("dagster_ui", result.run_id)
+    assert row.provider_connection_id == env["conn_id"]
+
+
+def test_untagged_duplicate_does_not_work_while_identity_is_held(env):
+    holder = _start(env)
+    env["ledger"].mark_running(holder.id, dagster_run_id="other-run")
+    result = _execute(env, {})
+    assert not result.success
+    reconcile(env["ledger"], env["instance"], None)
+    dup = env["ledger"].find_by_dagster_run(result.run_id)
+    assert (dup.status, dup.outcome) == ("completed", "cancelled")
+    assert f"#{holder.id}" in dup.failure_summary[0]["message"]
+    assert "items" not in dup.summary_counts
+    assert env["ledger"].get(holder.id).status == "running"
+
+
+def _created_run(env, row_id=None):
+    tags = {"dagster/partition": "contoso"}
+    if row_id is not None:
+        tags[TAG_OPERATION_RUN_ID] = str(row_id)
+    return env["instance"].create_run_for_job(env["job"], tags=tags, run_id=make_new_run_id())
+
+
+def test_cancelled_run_completes_cancelled(env):
+    row = _start(env)
+    run = _created_run(env, row.id)
+    env["ledger"].attach_dagster_run(row.id, run.run_id)
+    env["instance"].report_run_canceled(run)
+    reconcile(env["ledger"], env["instance"], None)
+    done = env["ledger"].get(row.id)
+    assert (done.status, done.outcome) == ("completed", "cancelled")
+    assert done.failure_summary[0]["reason_code"] == "run_cancelled"
+
+
+def test_run_failed_outside_steps_is_a_crash(env):
+    row = _start(env)
+    run = _created_run(env, row.id)
+    env["instance"].report_run_failed(run, "Run worker process exited unexpectedly (SIGKILL)")
+    reconcile(env["ledger"], env["instance"], None)
+    done = env["ledger"].get(row.id)
+    assert (done.status, done.outcome) == ("completed", "failed")
+    assert done.failure_summary[0]["reason_code"] == "run_crashed"
+    assert "SIGKILL" in done.failure_summary[0]["message"]
+
+
+def test_row_whose_run_never_existed_fails_dispatch_after_grace(env):
+    row = _start(env)
+    env["ledger"].attach_dagster_run(row.id, make_new_run_id())
+    reconcile(env["ledger"], env["instance"], None)
+    assert env["ledger"].get(row.id).status == "queued"
+    later = datetime.now(UTC) + timedelta(hours=1)
+    result = reconcile(env["ledger"], env["instance"], None, now=later)
+    done = env["ledger"].get(row.id)
+    assert result.expired == [row.id]
+    assert (done.outcome, done.failure_summary[0]["reason_code"]) == ("failed", "dispatch_failed")
+
+
+def test_cursor_advances_and_nothing_stays_active(env):
+    rows = [_start(env) for _ in range(1)]
+    _execute(env, {TAG_OPERATION_RUN_ID: str(rows[0].id)})
+    _execute(env, {})
+    first = reconcile(env["ledger"], env["instance"], None)
+    assert first.cursor is not None
+    second = reconcile(env["ledger"], env["instance"], first.cursor)
+    assert second.cursor >= first.cursor
+    assert env["ledger"].active() == []
+    assert len(env["ledger"].list()) == 2
