@@ -13,9 +13,15 @@ import httpx
 import pytest
 
 from atlas_dagster import reasons
-from atlas_dagster.config import ProviderConnection, Secret
+from atlas_dagster.config import Certificate, ProviderConnection, Secret
 from atlas_dagster.reasons import DeltaExpired, GraphError
-from atlas_dagster.resources.graph import GraphClient, TokenBucket, retry_after_seconds
+from atlas_dagster.resources.graph import (
+    GraphClient,
+    GraphClientResource,
+    TokenBucket,
+    client_for,
+    retry_after_seconds,
+)
 
 TENANT = "6f1c2d3e-0000-4000-8000-000000000001"
 CLIENT = "1b2c3d4e-0000-4000-8000-000000000002"
@@ -733,3 +739,56 @@ def test_batch_sub_requests_count_against_the_bucket():
     list(client.read_details("powershell_scripts.item", [f"i{n}" for n in range(40)]))
     assert bucket.reserve(960) == 0
     assert bucket.reserve(1) > 0
+
+
+# --- certificate, sharing and the resource --------------------------------------------------
+
+
+def test_certificate_credential_signs_a_client_assertion(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    key_path = tmp_path / "app.pem"
+    key_path.write_bytes(pem)
+    tenant = FakeTenant(routes(page([])))
+    conn = connection(client_secret=None, certificate=Certificate(str(key_path), "AB" * 20))
+    client = GraphClient(conn, transport=httpx.MockTransport(tenant), bucket=TokenBucket())
+    assert client.token_claims()["tid"] == TENANT
+    form = parse_qs(tenant.token_posts[0].content.decode())
+    assert form["client_assertion_type"] == [
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    ]
+    assert "client_secret" not in form
+
+
+def test_clients_of_one_connection_share_the_signed_in_session():
+    tenant = FakeTenant(routes(page([])))
+    transport = httpx.MockTransport(tenant)
+    conn = connection()
+    first = GraphClient(conn, transport=transport, bucket=TokenBucket())
+    second = GraphClient(conn, transport=transport, bucket=TokenBucket())
+    first.probe("settings_catalog")
+    second.probe("settings_catalog")
+    assert tenant.tokens_issued == 1
+    assert first.stats.token_requests == 1 and second.stats.token_requests == 0
+
+
+def test_close_releases_the_session_and_a_later_request_signs_in_again():
+    client, tenant, _ = make(routes(page([])))
+    client.probe("settings_catalog")
+    client.close()
+    client.probe("settings_catalog")
+    assert tenant.tokens_issued == 2
+
+
+def test_client_for_caches_per_connection_and_the_resource_hands_it_out():
+    conn = connection()
+    assert client_for(conn) is client_for(conn)
+    assert client_for(conn) is not client_for(connection())
+    assert GraphClientResource().client(conn) is client_for(conn)
