@@ -20,6 +20,7 @@ from atlas_dagster.resources.graph import (
     GraphClientResource,
     TokenBucket,
     client_for,
+    parse_error_body,
     retry_after_seconds,
 )
 
@@ -792,3 +793,11 @@ def test_client_for_caches_per_connection_and_the_resource_hands_it_out():
     assert client_for(conn) is client_for(conn)
     assert client_for(conn) is not client_for(connection())
     assert GraphClientResource().client(conn) is client_for(conn)
+
+
+def test_doubly_nested_intune_error_is_unwrapped():
+    inner = json.dumps({"ErrorCode": "Forbidden", "Message": INTUNE_403})
+    code, message = parse_error_body({"error": {"code": "UnknownError", "message": inner}})
+    assert code == "Forbidden"
+    assert message.startswith("Application is not authorized")
+    assert "Operation ID" not in message

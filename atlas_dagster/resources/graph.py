@@ -183,7 +183,11 @@ def parse_error_body(body: Any) -> tuple[str | None, str]:
         if code in (None, "UnknownError") and isinstance(inner.get("ErrorCode"), str):
             code = inner["ErrorCode"]
         message = inner.get("Message", inner.get("message", ""))
-    return (str(code) if code else None), _text(message)
+    # Intune appends support ids and its internal service URL; they only lengthen the ledger.
+    return (str(code) if code else None), _INTUNE_TAIL.sub("", _text(message))
+
+
+_INTUNE_TAIL = re.compile(r"\s+-\s+Operation ID \(for customer support\).*$")
 
 
 _SCOPE_PHRASE = re.compile(
