@@ -11,6 +11,8 @@ Everything here is pure: no I/O, no httpx.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -799,6 +801,55 @@ def extract_assignments(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# Arrays whose order Graph does not promise (sets in all but syntax): sorted before hashing and
+# diffing, so a reordered response is not a change.
+UNORDERED_ARRAYS = frozenset(
+    {
+        "assignments",
+        "roleScopeTagIds",
+        "apps",
+        "scheduledActionsForRule",
+        "scheduledActionConfigurations",
+        "settings",
+        "definitionValues",
+        "presentationValues",
+        "localizedNotificationMessages",
+        "items",
+        "groupTypes",
+        "roleAssignments",
+        "notificationMessageCCList",
+    }
+)
+
+
+def stable_payload(contract: Contract, obj: Any, *, top: bool = True) -> Any:
+    """The object without what Graph changes on its own: volatile top-level fields, OData
+    bookkeeping (except ``@odata.type``), and the order of unordered arrays."""
+    if isinstance(obj, dict):
+        volatile = set(COMMON_VOLATILE) | set(contract.volatile_fields) if top else set()
+        out = {}
+        for key, value in obj.items():
+            if key in volatile or (key.startswith("@odata.") and key != "@odata.type"):
+                continue
+            value = stable_payload(contract, value, top=False)
+            if key in UNORDERED_ARRAYS and isinstance(value, list):
+                value = sorted(value, key=canonical_json)
+            out[key] = value
+        return out
+    if isinstance(obj, list):
+        return [stable_payload(contract, v, top=False) for v in obj]
+    return obj
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(contract: Contract, obj: Mapping[str, Any]) -> str:
+    """Change detection: equal hashes mean no change a person would care about."""
+    return hashlib.sha256(canonical_json(stable_payload(contract, obj)).encode()).hexdigest()
+
+
 def granted(required: Iterable[str], roles: Iterable[str]) -> list[str]:
     """The required permissions that ``roles`` does not grant (ReadWrite implies Read)."""
     have = set(roles)
@@ -824,10 +875,13 @@ __all__ = [
     "Detail",
     "TypeRule",
     "all_permissions",
+    "canonical_json",
     "classify",
+    "content_hash",
     "extract_assignments",
     "granted",
     "is_builtin",
     "object_modified",
     "object_name",
+    "stable_payload",
 ]

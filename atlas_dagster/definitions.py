@@ -1,21 +1,39 @@
 """The code location: ``defs`` (loaded by ``dagster dev -w workspace.yaml``).
 
-Loading does no network I/O and no Graph calls: config is read from disk, everything else
+Loading does no network I/O and no Graph calls: the config is read from disk, and everything else
 happens when runs, sensors or schedules execute.
 """
-
-from __future__ import annotations
 
 import dagster as dg
 
 from atlas_dagster import connections, mirror
-from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.assets.directory_groups import directory_groups, directory_groups_sync_job
+from atlas_dagster.assets.inventory import inventory, inventory_sync_job
+from atlas_dagster.assets.verification import (
+    provider_connection_checks,
+    provider_connection_verify_job,
+)
+from atlas_dagster.config import AtlasConfig, ConfigError
+from atlas_dagster.resources.database import DatabaseResource, cached_config
+from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
+from atlas_dagster.schedules import refresh_schedules
+
+JOBS = [inventory_sync_job, directory_groups_sync_job, provider_connection_verify_job]
 
 
-def build_definitions() -> dg.Definitions:
+def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
+    if config is None:
+        try:
+            config = cached_config()
+        except ConfigError as exc:
+            # The UI shows this one line as the code location's load error.
+            raise dg.DagsterInvariantViolationError(str(exc)) from None
     database = DatabaseResource()
     return dg.Definitions(
+        assets=[inventory, directory_groups, provider_connection_checks],
+        jobs=JOBS,
+        schedules=refresh_schedules(config, {j.name: j for j in JOBS}),
         sensors=[
             *mirror.mirror_sensors,
             mirror.operation_runs_reconciler,
@@ -24,6 +42,7 @@ def build_definitions() -> dg.Definitions:
         resources={
             "database": database,
             "ledger": LedgerResource(database=database),
+            "graph": GraphClientResource(),
         },
     )
 

@@ -1,0 +1,62 @@
+"""Helpers the tenant assets share: the run's connection, metadata rendering, Graph dates."""
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+
+from atlas_dagster.config import ProviderConnection
+from atlas_dagster.db import connection_ids
+from atlas_dagster.reasons import PROVIDER_CONNECTION_MISSING, AtlasError
+from atlas_dagster.resources.database import DatabaseResource
+
+
+def connection_for_run(database: DatabaseResource, key: str) -> tuple[ProviderConnection, int]:
+    """The configured connection of a partition, and its database id."""
+    try:
+        connection = database.config().connection(key)
+    except KeyError:
+        raise AtlasError(
+            PROVIDER_CONNECTION_MISSING,
+            f"provider connection {key!r} is not in the config ({database.config().source})",
+        ) from None
+    return connection, connection_ids(database.engine())[key]
+
+
+def parse_graph_datetime(value: str | None) -> datetime | None:
+    """Graph timestamps carry 'Z' and up to 7 fractional digits; Python takes 6."""
+    if not value:
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    if "." in text:
+        head, _, rest = text.partition(".")
+        digits = "".join(ch for ch in rest if ch.isdigit())
+        zone = rest[len(digits) :]
+        text = f"{head}.{digits[:6]}{zone}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def graph_metadata(graph: dict[str, int]) -> dict[str, Any]:
+    return {
+        "graph_requests": dg.MetadataValue.int(graph.get("requests", 0)),
+        "graph_request_units": dg.MetadataValue.int(graph.get("request_units", 0)),
+        "graph_throttled_retries": dg.MetadataValue.int(graph.get("throttled_retries", 0)),
+    }
+
+
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str, limit: int = 30
+) -> str:
+    if not rows:
+        return empty
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows[:limit]:
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    if len(rows) > limit:
+        lines.append(f"\n… and {len(rows) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,315 @@
+"""The ``directory_groups`` asset: Entra ID groups, kept current by delta queries.
+
+The first sync pages through every group and stores the delta link; later syncs apply only the
+changes (``@removed`` → ``deleted_at``). An expired delta token falls back to a full resync, which
+reconciles deletions by what the full listing no longer holds. The delta link is stored only after
+a sync completes, so a failed sync is simply repeated.
+"""
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from atlas_dagster import bulk, schema
+from atlas_dagster.assets.common import (
+    connection_for_run,
+    graph_metadata,
+    markdown_table,
+    parse_graph_datetime,
+)
+from atlas_dagster.connections import provider_connection_partitions
+from atlas_dagster.mirror import OperationHandle, operation_scope
+from atlas_dagster.readiness import record_denied
+from atlas_dagster.reasons import DeltaExpired, GraphError
+from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.resources.graph import GraphClientResource
+from atlas_dagster.resources.ledger import LedgerResource
+
+CONTRACT_KEY = "groups_delta"
+FLUSH_ROWS = 5_000
+
+# Graph property → column. Only properties present in an object are written: a delta page may
+# name only what changed, and a group split across pages repeats just id and members@delta.
+_FIELDS = {
+    "displayName": "display_name",
+    "mail": "mail",
+    "mailNickname": "mail_nickname",
+    "securityEnabled": "security_enabled",
+    "mailEnabled": "mail_enabled",
+    "groupTypes": "group_types",
+    "membershipRule": "membership_rule",
+    "createdDateTime": "created_at",
+}
+
+
+def group_row(conn_id: int, obj: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The directory_groups columns an object carries (pure)."""
+    row: dict[str, Any] = {
+        "provider_connection_id": conn_id,
+        "group_id": str(obj["id"]),
+        "first_seen_at": now,
+        "last_seen_at": now,
+        "deleted_at": None,
+    }
+    for prop, column in _FIELDS.items():
+        if prop in obj:
+            value = obj[prop]
+            row[column] = parse_graph_datetime(value) if column == "created_at" else value
+    return row
+
+
+@dataclass
+class GroupsResult:
+    mode: str  # "full", "incremental", "resync"
+    upserted: int = 0
+    created: int = 0
+    removed: int = 0
+    pages: int = 0
+    duration_s: float = 0.0
+    graph: dict[str, int] | None = None
+
+
+class GroupsWriter:
+    def __init__(self, engine: Engine, conn_id: int, now: datetime):
+        self.engine, self.conn_id, self.now = engine, conn_id, now
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.removed: set[str] = set()
+        self.result_upserted = 0
+        self.result_created = 0
+        self.result_removed = 0
+
+    def add(self, items: list[dict[str, Any]], removed: list[dict[str, Any]]) -> None:
+        for obj in items:
+            if obj.get("id") is None:
+                continue
+            row = group_row(self.conn_id, obj, self.now)
+            gid = row["group_id"]
+            self.removed.discard(gid)
+            previous = self.pending.get(gid)
+            # A later sight of a group (the same object split across pages) completes it.
+            self.pending[gid] = {**previous, **row} if previous else row
+        for obj in removed:
+            if obj.get("id") is not None:
+                gid = str(obj["id"])
+                self.pending.pop(gid, None)
+                self.removed.add(gid)
+        if len(self.pending) + len(self.removed) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        t = schema.directory_groups
+        scope = t.c.provider_connection_id == self.conn_id
+        with self.engine.begin() as conn:
+            if self.pending:
+                ids = list(self.pending)
+                known = set()
+                for batch in bulk.chunks(ids, 5_000):
+                    known.update(
+                        r.group_id
+                        for r in conn.execute(
+                            sa.select(t.c.group_id).where(
+                                scope, t.c.group_id.in_(batch), t.c.deleted_at.is_(None)
+                            )
+                        )
+                    )
+                self.result_created += len(ids) - len(known)
+                bulk.upsert(
+                    conn,
+                    t,
+                    list(self.pending.values()),
+                    ("provider_connection_id", "group_id"),
+                    update=[c.name for c in t.c if c.name != "first_seen_at"],
+                )
+                self.result_upserted += len(ids)
+            if self.removed:
+                self.result_removed += bulk.update_where_in(
+                    conn,
+                    t,
+                    t.c.group_id,
+                    self.removed,
+                    sa.and_(scope, t.c.deleted_at.is_(None)),
+                    deleted_at=self.now,
+                )
+        self.pending.clear()
+        self.removed.clear()
+
+    def reconcile_full(self) -> int:
+        """After a complete full listing: whatever it did not hold is gone."""
+        t = schema.directory_groups
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                t.update()
+                .where(
+                    t.c.provider_connection_id == self.conn_id,
+                    t.c.deleted_at.is_(None),
+                    t.c.last_seen_at < self.now,
+                )
+                .values(deleted_at=self.now)
+            )
+        self.result_removed += result.rowcount
+        return result.rowcount
+
+
+def stored_delta_link(engine: Engine, conn_id: int) -> str | None:
+    t = schema.directory_delta_links
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(t.c.delta_link).where(
+                t.c.provider_connection_id == conn_id, t.c.contract_key == CONTRACT_KEY
+            )
+        ).scalar()
+
+
+def _store_delta_link(engine: Engine, conn_id: int, link: str) -> None:
+    with engine.begin() as conn:
+        bulk.upsert(
+            conn,
+            schema.directory_delta_links,
+            [
+                {
+                    "provider_connection_id": conn_id,
+                    "contract_key": CONTRACT_KEY,
+                    "delta_link": link,
+                    "updated_at": schema.utcnow(),
+                }
+            ],
+            ("provider_connection_id", "contract_key"),
+        )
+
+
+def _read(engine: Engine, client: Any, conn_id: int, link: str | None, mode: str) -> GroupsResult:
+    now = schema.utcnow()
+    writer = GroupsWriter(engine, conn_id, now)
+    result = GroupsResult(mode)
+    final_link = None
+    for page in client.delta(CONTRACT_KEY, link):
+        result.pages += 1
+        writer.add(page.items, page.removed)
+        if page.delta_link:
+            final_link = page.delta_link
+    writer.flush()
+    if final_link is None:
+        raise GraphError(
+            "provider_bad_response",
+            "the groups delta ended without an @odata.deltaLink",
+            contract_key=CONTRACT_KEY,
+        )
+    if link is None:
+        writer.reconcile_full()
+    _store_delta_link(engine, conn_id, final_link)
+    result.upserted, result.created, result.removed = (
+        writer.result_upserted,
+        writer.result_created,
+        writer.result_removed,
+    )
+    return result
+
+
+def run_groups_sync(engine: Engine, client: Any, conn_id: int, log: Any = None) -> GroupsResult:
+    started = time.monotonic()
+    before = client.stats.as_dict()
+    link = stored_delta_link(engine, conn_id)
+    try:
+        result = _read(engine, client, conn_id, link, "incremental" if link else "full")
+    except DeltaExpired:
+        if log is not None:
+            log.info("the stored delta link expired: full resync")
+        result = _read(engine, client, conn_id, None, "resync")
+    after = client.stats.as_dict()
+    result.graph = {k: after[k] - before.get(k, 0) for k in after}
+    result.duration_s = time.monotonic() - started
+    return result
+
+
+def _summary(result: GroupsResult, handle: OperationHandle) -> None:
+    handle.progress(
+        groups_upserted=result.upserted,
+        groups_created=result.created,
+        groups_removed=result.removed,
+        graph_requests=(result.graph or {}).get("requests", 0),
+        throttled_retries=(result.graph or {}).get("throttled_retries", 0),
+    )
+
+
+@dg.asset(
+    name="directory_groups",
+    partitions_def=provider_connection_partitions,
+    group_name="tenant_cache",
+    description="The tenant's Entra ID groups, kept current by delta queries (table directory_groups).",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "non_empty",
+            asset="directory_groups",
+            description="The tenant's cached groups are not empty.",
+        ),
+    ],
+    kinds={"python", "sql"},
+)
+def directory_groups(
+    context: dg.AssetExecutionContext,
+    database: DatabaseResource,
+    ledger: LedgerResource,
+    graph: GraphClientResource,
+):
+    with operation_scope(context, ledger) as handle:
+        connection, conn_id = connection_for_run(database, context.partition_key)
+        engine = database.engine()
+        try:
+            result = run_groups_sync(engine, graph.client(connection), conn_id, context.log)
+        except GraphError as exc:
+            record_denied(engine, conn_id, exc, handle.id)
+            raise
+        _summary(result, handle)
+        t = schema.directory_groups
+        with engine.connect() as conn:
+            active = conn.execute(
+                sa.select(sa.func.count()).where(
+                    t.c.provider_connection_id == conn_id, t.c.deleted_at.is_(None)
+                )
+            ).scalar_one()
+        yield dg.MaterializeResult(
+            metadata={
+                "mode": dg.MetadataValue.text(result.mode),
+                "groups_active": dg.MetadataValue.int(active),
+                "groups_upserted": dg.MetadataValue.int(result.upserted),
+                "groups_created": dg.MetadataValue.int(result.created),
+                "groups_removed": dg.MetadataValue.int(result.removed),
+                "delta_pages": dg.MetadataValue.int(result.pages),
+                "duration_s": dg.MetadataValue.float(round(result.duration_s, 3)),
+                "operation_run_id": dg.MetadataValue.int(handle.id),
+                **graph_metadata(result.graph or {}),
+                "changes": dg.MetadataValue.md(
+                    markdown_table(
+                        ("mode", "created", "changed or seen", "removed"),
+                        [
+                            (
+                                result.mode,
+                                result.created,
+                                result.upserted - result.created,
+                                result.removed,
+                            )
+                        ],
+                        empty="",
+                    )
+                ),
+            }
+        )
+        yield dg.AssetCheckResult(
+            check_name="non_empty",
+            passed=active > 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"groups_active": dg.MetadataValue.int(active)},
+        )
+
+
+directory_groups_sync_job = dg.define_asset_job(
+    "directory_groups_sync_job",
+    selection=dg.AssetSelection.assets(directory_groups),
+    partitions_def=provider_connection_partitions,
+    description="Run type directory_groups.sync: apply the groups delta of one provider connection.",
+)

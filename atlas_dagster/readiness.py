@@ -1,0 +1,87 @@
+"""``provider_connection_checks``: the latest readiness of each contract per connection.
+
+Written by verification, and by any sync or backup that meets a 403, so the table stays true
+between verifications.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from atlas_dagster import bulk, schema
+from atlas_dagster.reasons import PROVIDER_PERMISSION_DENIED, GraphError
+
+READY = "ready"
+MISSING_PERMISSION = "missing_permission"
+PROBE_FAILED = "probe_failed"
+CHECK_STATUSES = (READY, MISSING_PERMISSION, PROBE_FAILED)
+
+
+def record_checks(
+    engine: Engine,
+    provider_connection_id: int,
+    checks: Iterable[dict],
+    operation_run_id: int | None,
+) -> None:
+    """Upsert check rows: dicts with contract_key, status, missing_permissions, reason_code,
+    message."""
+    now = schema.utcnow()
+    rows = [
+        {
+            "provider_connection_id": provider_connection_id,
+            "contract_key": c["contract_key"],
+            "status": c["status"],
+            "missing_permissions": list(c.get("missing_permissions") or []),
+            "reason_code": c.get("reason_code"),
+            "message": c.get("message"),
+            "checked_at": now,
+            "operation_run_id": operation_run_id,
+        }
+        for c in checks
+    ]
+    with engine.begin() as conn:
+        bulk.upsert(
+            conn,
+            schema.provider_connection_checks,
+            rows,
+            ("provider_connection_id", "contract_key"),
+        )
+
+
+def record_denied(
+    engine: Engine, provider_connection_id: int, err: GraphError, operation_run_id: int | None
+) -> None:
+    """A 403 met outside verification marks that contract as missing a permission."""
+    if err.reason_code != PROVIDER_PERMISSION_DENIED or not err.contract_key:
+        return
+    from graph_contracts import CONTRACTS
+
+    contract = CONTRACTS.get(err.contract_key)
+    record_checks(
+        engine,
+        provider_connection_id,
+        [
+            {
+                "contract_key": err.contract_key,
+                "status": MISSING_PERMISSION,
+                "missing_permissions": list(contract.permissions) if contract else [],
+                "reason_code": err.reason_code,
+                "message": err.message,
+            }
+        ],
+        operation_run_id,
+    )
+
+
+def latest_checks(engine: Engine, provider_connection_id: int) -> list[dict]:
+    t = schema.provider_connection_checks
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t)
+            .where(t.c.provider_connection_id == provider_connection_id)
+            .order_by(t.c.contract_key)
+        )
+        return [dict(r._mapping) for r in rows]

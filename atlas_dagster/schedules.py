@@ -1,0 +1,65 @@
+"""Optional refresh schedules from the config: one run per configured connection per tick.
+
+Each tick creates the ledger rows first (deterministic identity, deduped while active), then
+requests the runs tagged with them — the same create-before-dispatch as every start surface.
+"""
+
+import dagster as dg
+
+from atlas_dagster.config import AtlasConfig, RefreshSchedule
+from atlas_dagster.connections import sync_partitions
+from atlas_dagster.db import connection_ids
+from atlas_dagster.resources.ledger import (
+    RUN_TYPES,
+    TAG_OPERATION_RUN_ID,
+    TAG_RUN_TYPE,
+    LedgerResource,
+)
+
+_TYPE_BY_JOB = {rt.job_name: rt.name for rt in RUN_TYPES.values()}
+
+
+def refresh_schedules(config: AtlasConfig, jobs: dict[str, object]) -> list[dg.ScheduleDefinition]:
+    return [_refresh_schedule(entry, jobs[entry.job]) for entry in config.refresh_schedules]
+
+
+def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
+    run_type = _TYPE_BY_JOB[entry.job]
+
+    @dg.schedule(
+        name=f"refresh__{entry.key}",
+        cron_schedule=entry.cron,
+        execution_timezone=entry.timezone,
+        job=job,
+        default_status=dg.DefaultScheduleStatus.RUNNING
+        if entry.enabled
+        else dg.DefaultScheduleStatus.STOPPED,
+        description=f"Refreshes {run_type} for every provider connection.",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext, ledger: LedgerResource):
+        database = ledger.database
+        keys = [c.key for c in database.config().provider_connections]
+        sync_partitions(context.instance, keys)
+        ids = connection_ids(database.engine())
+        book = ledger.ledger()
+        requests = []
+        for key in keys:
+            started = book.start(
+                run_type,
+                provider_connection_id=ids[key],
+                trigger_source="schedule",
+                initiator=f"refresh__{entry.key}",
+                context={"provider_connection_key": key},
+            )
+            if not started.created:
+                continue  # an active run of this identity exists: it is the refresh
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{entry.key}:{key}:{started.row.id}",
+                    partition_key=key,
+                    tags={TAG_OPERATION_RUN_ID: str(started.row.id), TAG_RUN_TYPE: run_type},
+                )
+            )
+        return requests or dg.SkipReason("every connection already has an active run")
+
+    return _schedule
