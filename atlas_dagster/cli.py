@@ -197,6 +197,37 @@ def _connection_keys(engine: Any) -> dict[int, str]:
     return {v: k for k, v in connection_ids(engine).items()}
 
 
+# --- verify / demo ---------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from atlas_dagster.assets.verification import checks_table
+    from atlas_dagster.readiness import latest_checks
+    from atlas_dagster.resources.database import ready_engine
+
+    def report(row: Any) -> None:
+        checks = latest_checks(ready_engine(_config(args)), row.provider_connection_id)
+        checks = [c for c in checks if c["operation_run_id"] == row.id]
+        if args.json:
+            _print_json({"operation_run": row.to_dict(), "checks": checks})
+            return
+        if checks:
+            print(
+                _table(
+                    checks_table(checks), ("contract", "policy type", "status", "to grant / reason")
+                )
+            )
+        print(_row_line(row))
+
+    return run_start(args, "provider_connection.verify", in_process=True, report=report)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from atlas_dagster.demo import run_demo
+
+    return run_demo(_config(args))
+
+
 # --- simulator -----------------------------------------------------------------------------
 
 
@@ -246,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=50)
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(func=cmd_runs)
+
+    verify = sub.add_parser("verify", help="verify a connection's sign-in and permissions")
+    verify.add_argument("--connection", required=True)
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_verify)
+
+    sub.add_parser(
+        "demo", help="every operation against the demo tenant on the embedded default"
+    ).set_defaults(func=cmd_demo)
 
     sim = sub.add_parser("simulator", help="the Microsoft Graph simulator").add_subparsers(
         dest="sim_command", required=True

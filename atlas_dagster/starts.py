@@ -209,6 +209,8 @@ def _execute_in_process(
         tags={k: v for k, v in tags.items() if k != "dagster/partition"},
         run_id=run_id,
         raise_on_error=False,
+        # The terminal shows our one-line progress; the full event log is in the Dagster UI.
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
     )
     # No daemon watches in-process runs: mirror the finished run here, by the same code path.
     row = mirror_run_id(ledger, instance, run_id)
