@@ -206,6 +206,53 @@ def mirror_run_id(
     return mirror_record(ledger, instance, record) if record else None
 
 
+def _worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
+    records = instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=20, ascending=True
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        if event is None or not (event.message or "").startswith("Started process for run"):
+            continue
+        pid = (event.engine_event_data.metadata or {}).get("pid")
+        value = getattr(pid, "value", pid)
+        if value is not None and str(value).isdigit():
+            return int(value)
+    return None
+
+
+def fail_dead_workers(instance: DagsterInstance, records: list[RunRecord]) -> list[str]:
+    """Dagster's run monitoring cannot see a killed worker under the default run launcher (it has
+    no health check), so such a run would stay STARTED forever. The default launcher runs workers
+    on this machine: a STARTED run whose worker process is gone has crashed; report it as Dagster's
+    monitoring would."""
+    import psutil
+    from dagster._core.launcher import DefaultRunLauncher
+
+    if not isinstance(instance.run_launcher, DefaultRunLauncher):
+        return []
+    failed = []
+    for record in records:
+        run = record.dagster_run
+        if run.status != DagsterRunStatus.STARTED or run.job_name not in LEDGER_JOBS:
+            continue
+        pid = _worker_pid(instance, run.run_id)
+        if pid is None:
+            continue
+        try:
+            alive = psutil.Process(pid).create_time() <= (record.start_time or 0) + 5
+        except psutil.NoSuchProcess:
+            alive = False
+        except psutil.Error:
+            alive = True
+        if not alive:
+            instance.report_run_failed(
+                run, f"run worker process {pid} exited unexpectedly (it is no longer running)"
+            )
+            failed.append(run.run_id)
+    return failed
+
+
 @dataclass
 class ReconcileResult:
     cursor: float | None
@@ -234,6 +281,12 @@ def reconcile(
         order_by="update_timestamp",
         ascending=True,
     )
+    started = instance.get_run_records(
+        filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]), limit=limit
+    )
+    dead = set(fail_dead_workers(instance, list(started)))
+    if dead:
+        records = [*records, *instance.get_run_records(filters=RunsFilter(run_ids=list(dead)))]
     for record in records:
         if record.dagster_run.job_name in LEDGER_JOBS:
             result.errors += not _safely(mirror_record, ledger, instance, record)

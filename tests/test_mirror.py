@@ -1,6 +1,5 @@
 """The mirror and reconciler against a real Dagster instance (no daemon: passes are driven here)."""
 
-
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -178,3 +177,32 @@ def test_cursor_advances_and_nothing_stays_active(env):
     assert second.cursor >= first.cursor
     assert env["ledger"].active() == []
     assert len(env["ledger"].list()) == 2
+
+
+def test_started_run_whose_worker_died_is_failed_as_crashed(env):
+    import subprocess
+    import sys
+
+    from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+
+    row = _start(env)
+    run = _created_run(env, row.id)
+    instance = env["instance"]
+    instance.report_dagster_event(
+        DagsterEvent(event_type_value=DagsterEventType.RUN_START.value, job_name=run.job_name),
+        run.run_id,
+    )
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    instance.report_engine_event(
+        f"Started process for run (pid: {worker.pid}).", run, EngineEventData.in_process(worker.pid)
+    )
+    reconcile(env["ledger"], instance, None)
+    assert env["ledger"].get(row.id).status == "running"  # alive: left alone
+    worker.kill()  # SIGKILL, as an OOM killer would
+    worker.wait()
+    reconcile(env["ledger"], instance, None)
+    done = env["ledger"].get(row.id)
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert (done.status, done.outcome) == ("completed", "failed")
+    assert done.failure_summary[0]["reason_code"] == "run_crashed"
+    assert str(worker.pid) in done.failure_summary[0]["message"]
