@@ -849,22 +849,25 @@ def batch_contract_for(batch: Contract, contract: Contract) -> Contract:
 
 # --- Process-level clients and the Dagster resource -------------------------------------------
 
-_clients: dict[ProviderConnection, GraphClient] = {}
+_clients: dict[ProviderConnection, tuple[object, GraphClient]] = {}
 
 
 def client_for(connection: ProviderConnection) -> GraphClient:
     """The process's GraphClient for a connection. A simulated connection is served in-process
-    by the simulator registered under its key, signing in as that simulated tenant's app."""
-    with _registry_lock:
-        client = _clients.get(connection)
-    if client is not None:
-        return client
-    transport = None
-    effective = connection
+    by the simulator registered under its key, signing in as that simulated tenant's app; the
+    client follows the registry when a test installs another simulator for the key."""
+    sim = None
     if connection.simulated is not None:
         from atlas_dagster.simulator import simulator_for
 
         sim = simulator_for(connection.key, connection.simulated.profile, connection.simulated.seed)
+    with _registry_lock:
+        cached = _clients.get(connection)
+    if cached is not None and cached[0] is sim:
+        return cached[1]
+    transport = None
+    effective = connection
+    if sim is not None:
         transport = sim.transport()
         tenant = sim.tenant
         effective = replace(
@@ -876,7 +879,8 @@ def client_for(connection: ProviderConnection) -> GraphClient:
         )
     client = GraphClient(effective, transport=transport)
     with _registry_lock:
-        return _clients.setdefault(connection, client)
+        _clients[connection] = (sim, client)
+    return client
 
 
 class GraphClientResource(dg.ConfigurableResource):
