@@ -252,8 +252,14 @@ backup_items = sa.Table(
         sa.ForeignKey("backup_payloads.content_hash"),
         nullable=False,
     ),
+    # The names of the groups and filters the assignments targeted when the backup was taken
+    # (a JSON document in backup_payloads): ids mean nothing in another tenant, names do.
+    sa.Column(
+        "assignment_names_hash", sa.String(64), sa.ForeignKey("backup_payloads.content_hash")
+    ),
     sa.PrimaryKeyConstraint("backup_set_id", "contract_key", "external_id"),
     sa.Index("ix_backup_items_content_hash", "content_hash"),
+    sa.Index("ix_backup_items_assignment_names_hash", "assignment_names_hash"),
 )
 
 provider_connection_checks = sa.Table(
