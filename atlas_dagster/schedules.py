@@ -19,6 +19,12 @@ from atlas_dagster.resources.ledger import (
 _TYPE_BY_JOB = {rt.job_name: rt.name for rt in RUN_TYPES.values()}
 
 
+def dagster_name(prefix: str, key: str) -> str:
+    """Dagster names allow [A-Za-z0-9_]; config keys are slugs with '-' (never '_', so the
+    mapping cannot collide)."""
+    return f"{prefix}__{key.replace('-', '_')}"
+
+
 def refresh_schedules(config: AtlasConfig, jobs: dict[str, object]) -> list[dg.ScheduleDefinition]:
     return [_refresh_schedule(entry, jobs[entry.job]) for entry in config.refresh_schedules]
 
@@ -27,7 +33,7 @@ def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
     run_type = _TYPE_BY_JOB[entry.job]
 
     @dg.schedule(
-        name=f"refresh__{entry.key}",
+        name=dagster_name("refresh", entry.key),
         cron_schedule=entry.cron,
         execution_timezone=entry.timezone,
         job=job,

@@ -1,0 +1,286 @@
+"""Inventory and directory groups against the simulator: the cache equals the tenant after every
+successful sync, and loses nothing after a failed one."""
+
+import random
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from atlas_dagster import db, schema
+from atlas_dagster.assets.directory_groups import run_groups_sync
+from atlas_dagster.assets.inventory import run_inventory_sync
+from atlas_dagster.reasons import AtlasError
+from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.resources.graph import client_for
+from atlas_dagster.simulator import FaultPlan, GraphSimulator, SimulatedTenant, install_simulator
+from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
+from tests.conftest import write_config
+
+
+@pytest.fixture
+def setup(tmp_path, database_url):
+    cfg = write_config(tmp_path / "atlas.yaml", database_url, "mass_deletion_threshold: 1.0\n")
+    database = DatabaseResource(config_path=str(cfg))
+    engine = database.engine()
+    sim = GraphSimulator(SimulatedTenant.generate("small", 3))
+    install_simulator("contoso", sim)
+    connection = database.config().connection("contoso")
+    return {
+        "engine": engine,
+        "sim": sim,
+        "client": client_for(connection),
+        "conn_id": db.connection_ids(engine)["contoso"],
+        "database": database,
+    }
+
+
+def cached_items(engine, conn_id) -> dict[tuple[str, str], str]:
+    t = schema.inventory_items
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.contract_key, t.c.external_id, t.c.content_hash).where(
+                t.c.provider_connection_id == conn_id, t.c.deleted_at.is_(None)
+            )
+        )
+        return {(r.contract_key, r.external_id): r.content_hash for r in rows}
+
+
+def tenant_items(tenant) -> dict[tuple[str, str], str]:
+    out = {}
+    for key in POLICY_CONTRACTS:
+        for obj in tenant.policies(key):
+            out[(key, str(obj["id"]))] = content_hash(CONTRACTS[key], obj)
+    return out
+
+
+def cached_assignments(engine, conn_id) -> set[tuple]:
+    a = schema.inventory_assignments
+    with engine.connect() as conn:
+        return {
+            (r.contract_key, r.external_id, r.target_type, r.group_id, r.filter_id, r.intent)
+            for r in conn.execute(sa.select(a).where(a.c.provider_connection_id == conn_id))
+        }
+
+
+def tenant_assignments(tenant) -> set[tuple]:
+    from graph_contracts import extract_assignments
+
+    out = set()
+    for key in POLICY_CONTRACTS:
+        for obj in tenant.policies(key):
+            for a in extract_assignments(obj):
+                out.add(
+                    (
+                        key,
+                        str(obj["id"]),
+                        a["target_type"],
+                        a["group_id"],
+                        a["filter_id"],
+                        a["intent"],
+                    )
+                )
+    return out
+
+
+def cached_groups(engine, conn_id) -> dict[str, str | None]:
+    g = schema.directory_groups
+    with engine.connect() as conn:
+        return {
+            r.group_id: r.display_name
+            for r in conn.execute(
+                sa.select(g.c.group_id, g.c.display_name).where(
+                    g.c.provider_connection_id == conn_id, g.c.deleted_at.is_(None)
+                )
+            )
+        }
+
+
+def tenant_groups(tenant) -> dict[str, str | None]:
+    return {str(g["id"]): g.get("displayName") for g in tenant.groups()}
+
+
+def test_full_sync_caches_every_policy_with_assignments(setup):
+    summary = run_inventory_sync(setup["engine"], setup["client"], setup["conn_id"], None)
+    tenant = setup["sim"].tenant
+    assert cached_items(setup["engine"], setup["conn_id"]) == tenant_items(tenant)
+    assert cached_assignments(setup["engine"], setup["conn_id"]) == tenant_assignments(tenant)
+    assert summary.totals()["created"] == len(tenant_items(tenant))
+    assert all(r.complete for r in summary.results)
+    # A second sync of an unchanged tenant changes nothing.
+    again = run_inventory_sync(setup["engine"], setup["client"], setup["conn_id"], None)
+    assert (again.totals()["created"], again.totals()["updated"], again.totals()["deleted"]) == (
+        0,
+        0,
+        0,
+    )
+
+
+def test_403_on_one_type_fails_only_that_type_and_deletes_nothing(setup):
+    run_inventory_sync(setup["engine"], setup["client"], setup["conn_id"], None)
+    before = cached_items(setup["engine"], setup["conn_id"])
+    sim = setup["sim"]
+    sim.granted_roles = [r for r in sim.granted_roles if r != "DeviceManagementApps.Read.All"]
+    summary = run_inventory_sync(setup["engine"], setup["client"], setup["conn_id"], None)
+    failed = {r.contract_key: r.error.reason_code for r in summary.results if r.error}
+    apps = {
+        k for k in POLICY_CONTRACTS if "DeviceManagementApps.Read.All" in CONTRACTS[k].permissions
+    }
+    assert failed == {k: "provider_permission_denied" for k in apps}
+    assert cached_items(setup["engine"], setup["conn_id"]) == before
+    t = schema.provider_connection_checks
+    with setup["engine"].connect() as conn:
+        checks = {
+            r.contract_key: r.status
+            for r in conn.execute(
+                sa.select(t).where(t.c.provider_connection_id == setup["conn_id"])
+            )
+        }
+    assert checks == {k: "missing_permission" for k in apps}
+
+
+def test_mass_deletion_guard_holds_deletions_back(setup):
+    run_inventory_sync(setup["engine"], setup["client"], setup["conn_id"], None)
+    tenant = setup["sim"].tenant
+    key = max(POLICY_CONTRACTS, key=lambda k: len(tenant.policies(k)))
+    for obj in list(tenant.policies(key)):
+        tenant.delete_policy(key, obj["id"])
+    summary = run_inventory_sync(
+        setup["engine"], setup["client"], setup["conn_id"], None, threshold=0.5
+    )
+    result = next(r for r in summary.results if r.contract_key == key)
+    assert result.held_back and not result.deleted
+    cached = {k for k in cached_items(setup["engine"], setup["conn_id"]) if k[0] == key}
+    assert len(cached) == len(result.held_back)
+
+
+def test_groups_delta_full_then_incremental_then_resync(setup):
+    engine, client, conn_id, sim = setup["engine"], setup["client"], setup["conn_id"], setup["sim"]
+    first = run_groups_sync(engine, client, conn_id)
+    assert first.mode == "full"
+    assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
+    rng = random.Random(5)
+    sim.tenant.mutate(rng, 20)
+    second = run_groups_sync(engine, client, conn_id)
+    assert second.mode == "incremental"
+    assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
+    sim.stats.reset()
+    before = client.stats.requests
+    run_groups_sync(engine, client, conn_id)
+    assert client.stats.requests - before <= 2  # a no-change incremental sync
+    gone = next(iter(tenant_groups(sim.tenant)))
+    sim.tenant.delete_group(gone)
+    sim.expire_delta_tokens()
+    third = run_groups_sync(engine, client, conn_id)
+    assert third.mode == "resync"
+    assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
+    assert gone not in cached_groups(engine, conn_id)
+
+
+def test_readable_assignments_resolve_group_and_filter_names_from_cache(setup):
+    engine, client, conn_id, sim = setup["engine"], setup["client"], setup["conn_id"], setup["sim"]
+    run_groups_sync(engine, client, conn_id)
+    run_inventory_sync(engine, client, conn_id, None)
+    names = tenant_groups(sim.tenant)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT group_id, group_name, filter_id, filter_name FROM v_assignments_readable"
+        ).fetchall()
+    with_groups = [r for r in rows if r.group_id]
+    assert with_groups
+    assert all(r.group_name == names[r.group_id] for r in with_groups if r.group_id in names)
+    assert all(r.filter_name for r in rows if r.filter_id)
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    rounds=st.lists(
+        st.tuples(
+            st.integers(0, 2**16),
+            st.integers(1, 15),
+            st.sampled_from(["none", "429", "503", "malformed", "403"]),
+        ),
+        min_size=2,
+        max_size=4,
+    )
+)
+def test_cache_equals_tenant_after_each_sync_and_keeps_everything_after_failures(setup, rounds):
+    engine, client, conn_id, sim = setup["engine"], setup["client"], setup["conn_id"], setup["sim"]
+    all_roles = list(sim.granted_roles)
+    run_inventory_sync(engine, client, conn_id, None)
+    run_groups_sync(engine, client, conn_id)
+    for seed, n, fault in rounds:
+        sim.tenant.mutate(random.Random(seed), n)
+        before_items = cached_items(engine, conn_id)
+        before_groups = cached_groups(engine, conn_id)
+        sim.faults = FaultPlan()
+        sim.granted_roles = all_roles
+        if fault == "429":
+            sim.faults = FaultPlan(throttle_every=7, retry_after="0.01")
+        elif fault == "503":
+            sim.faults = FaultPlan(unavailable_every=9)
+        elif fault == "malformed":
+            sim.faults = FaultPlan(malformed_every=5)
+        elif fault == "403":
+            sim.granted_roles = [
+                r for r in all_roles if r != "DeviceManagementConfiguration.Read.All"
+            ]
+        try:
+            summary = run_inventory_sync(engine, client, conn_id, None)
+            failed = {r.contract_key for r in summary.results if r.error}
+        except AtlasError:
+            failed = set(POLICY_CONTRACTS)
+        after = cached_items(engine, conn_id)
+        expected = tenant_items(sim.tenant)
+        for key in POLICY_CONTRACTS:
+            mine = {k: v for k, v in after.items() if k[0] == key}
+            if key in failed:
+                # A failed type deletes nothing: every row cached before is still there.
+                assert {k for k in before_items if k[0] == key} <= set(mine)
+            else:
+                assert mine == {k: v for k, v in expected.items() if k[0] == key}
+        try:
+            run_groups_sync(engine, client, conn_id)
+            assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
+        except AtlasError:
+            # Nothing the tenant still has was dropped from the cache.
+            still_there = set(before_groups) & set(tenant_groups(sim.tenant))
+            assert still_there <= set(cached_groups(engine, conn_id))
+        sim.faults = FaultPlan()
+        sim.granted_roles = all_roles
+    run_inventory_sync(engine, client, conn_id, None)
+    run_groups_sync(engine, client, conn_id)
+    assert cached_items(engine, conn_id) == tenant_items(sim.tenant)
+    assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
+
+
+def test_inventory_job_records_counts_and_partial_outcome(setup, tmp_path):
+    from atlas_dagster.connections import sync_partitions
+    from atlas_dagster.definitions import build_definitions
+    from atlas_dagster.starts import start_operation
+
+    database = setup["database"]
+    config = database.config()
+    sim = setup["sim"]
+    sim.granted_roles = [r for r in sim.granted_roles if r != "DeviceManagementApps.Read.All"]
+    defs = build_definitions(config)
+    with dg.instance_for_test() as instance:
+        sync_partitions(instance, ["contoso"])
+        outcome = start_operation(
+            config,
+            "inventory.sync",
+            defs=defs,
+            connection="contoso",
+            in_process=True,
+            instance=instance,
+        )
+    row = outcome.row
+    assert (row.status, row.outcome) == ("completed", "partially_succeeded")
+    assert {f["reason_code"] for f in row.failure_summary} == {"provider_permission_denied"}
+    assert row.summary_counts["items"] == len(cached_items(setup["engine"], setup["conn_id"]))
