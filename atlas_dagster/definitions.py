@@ -7,6 +7,7 @@ happens when runs, sensors or schedules execute.
 import dagster as dg
 
 from atlas_dagster import connections, mirror
+from atlas_dagster.assets.backups import backup_job, backup_schedules, backups
 from atlas_dagster.assets.directory_groups import directory_groups, directory_groups_sync_job
 from atlas_dagster.assets.inventory import inventory, inventory_sync_job
 from atlas_dagster.assets.verification import (
@@ -19,7 +20,7 @@ from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.schedules import refresh_schedules
 
-JOBS = [inventory_sync_job, directory_groups_sync_job, provider_connection_verify_job]
+JOBS = [inventory_sync_job, directory_groups_sync_job, provider_connection_verify_job, backup_job]
 
 
 def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
@@ -31,9 +32,12 @@ def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
             raise dg.DagsterInvariantViolationError(str(exc)) from None
     database = DatabaseResource()
     return dg.Definitions(
-        assets=[inventory, directory_groups, provider_connection_checks],
+        assets=[inventory, directory_groups, provider_connection_checks, backups],
         jobs=JOBS,
-        schedules=refresh_schedules(config, {j.name: j for j in JOBS}),
+        schedules=[
+            *refresh_schedules(config, {j.name: j for j in JOBS}),
+            *backup_schedules(config),
+        ],
         sensors=[
             *mirror.mirror_sensors,
             mirror.operation_runs_reconciler,

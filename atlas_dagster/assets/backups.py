@@ -1,0 +1,436 @@
+"""The ``backups`` asset, ``backup_job`` and one Dagster schedule per configured backup schedule.
+
+A backup run (``backup_schedule.run_now``, ``.retry`` or ``.scheduled``) writes one backup set of
+its schedule: every selected policy type read completely through the GraphClient, each policy
+stored as an item whose payload is kept once per content hash (``backup_store``). A type that
+fails (403, throttled out) is recorded on the set and the ledger row, and the others are still
+backed up. A retry reads only the types its original run failed and carries the original set's
+other types over, so every set is a whole snapshot of its schedule.
+"""
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+from sqlalchemy.engine import Engine
+
+from atlas_dagster import backup_store as store
+from atlas_dagster.assets.common import connection_for_run, graph_metadata, markdown_table
+from atlas_dagster.config import AtlasConfig, BackupSchedule
+from atlas_dagster.connections import provider_connection_partitions, sync_partitions
+from atlas_dagster.db import connection_ids
+from atlas_dagster.mirror import OperationHandle, operation_scope
+from atlas_dagster.readiness import record_denied
+from atlas_dagster.reasons import (
+    PROVIDER_AUTH_FAILED,
+    PROVIDER_BAD_RESPONSE,
+    PROVIDER_CONNECTION_INVALID,
+    PROVIDER_CONNECTION_MISSING,
+    PROVIDER_CONSENT_MISSING,
+    AtlasError,
+    GraphError,
+    failure,
+)
+from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.resources.graph import GraphClientResource
+from atlas_dagster.resources.ledger import (
+    TAG_BACKUP_SCHEDULE,
+    TAG_OPERATION_RUN_ID,
+    TAG_RUN_TYPE,
+    LedgerResource,
+    OperationLedger,
+    OperationRun,
+)
+from graph_contracts import CONTRACTS, POLICY_CONTRACTS
+
+# Errors that no other policy type can escape: the whole backup stops.
+FATAL_REASONS = frozenset(
+    {PROVIDER_AUTH_FAILED, PROVIDER_CONSENT_MISSING, PROVIDER_CONNECTION_INVALID}
+)
+SCHEDULED = "backup_schedule.scheduled"
+
+
+# --- Planning (pure) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    """What one run backs up: the types it reads from Graph, and the types it carries over
+    unchanged from an earlier set (a retry)."""
+
+    schedule: store.ScheduleRow
+    read_types: tuple[str, ...]
+    carry_from: int | None = None
+    carry_types: tuple[str, ...] = ()
+
+    @property
+    def policy_types(self) -> tuple[str, ...]:
+        return tuple(k for k in POLICY_CONTRACTS if k in {*self.read_types, *self.carry_types})
+
+
+def plan_backup(
+    schedule: store.ScheduleRow,
+    retried: OperationRun | None = None,
+    retried_set: store.BackupSet | None = None,
+) -> BackupPlan:
+    """A fresh run reads every type of its schedule. A retry reads the types its original run
+    failed and carries the others over from the original set; when that set holds no usable copy
+    (the run failed outright, or retention removed it) it reads them all again."""
+    if retried is None:
+        return BackupPlan(schedule, schedule.policy_types)
+    if retried_set is None or not retried_set.covered_types:
+        return BackupPlan(schedule, schedule.policy_types)
+    failed = {
+        f["contract_key"]
+        for f in retried.failure_summary
+        if f.get("contract_key") in POLICY_CONTRACTS
+    }
+    failed |= set(retried_set.policy_types) - retried_set.covered_types
+    carry = retried_set.covered_types - failed
+    return BackupPlan(
+        schedule,
+        tuple(k for k in POLICY_CONTRACTS if k in failed),
+        retried_set.id,
+        tuple(k for k in POLICY_CONTRACTS if k in carry),
+    )
+
+
+def set_status(read: int, failed: int, carried: int) -> str:
+    if failed == 0:
+        return store.SET_COMPLETE
+    return store.SET_FAILED if failed == read and carried == 0 else store.SET_PARTIAL
+
+
+# --- The backup --------------------------------------------------------------------------------
+
+
+@dataclass
+class TypeResult:
+    contract_key: str
+    stored: store.StoreResult = field(default_factory=store.StoreResult)
+    error: GraphError | None = None
+
+
+@dataclass
+class BackupSummary:
+    set_id: int
+    status: str
+    results: list[TypeResult]
+    carried_items: int
+    graph: dict[str, int]
+    duration_s: float
+    changes: dict[str, int] = field(default_factory=dict)
+    retention: store.RetentionResult = field(default_factory=store.RetentionResult)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "items": sum(r.stored.items for r in self.results) + self.carried_items,
+            "items_read": sum(r.stored.items for r in self.results),
+            "items_carried": self.carried_items,
+            "new_payloads": sum(r.stored.new_payloads for r in self.results),
+            "new_payload_bytes": sum(r.stored.new_payload_bytes for r in self.results),
+            "types_read": len(self.results),
+            "types_failed": sum(1 for r in self.results if r.error is not None),
+            "graph_requests": self.graph.get("requests", 0),
+            "graph_request_units": self.graph.get("request_units", 0),
+            "throttled_retries": self.graph.get("throttled_retries", 0),
+        }
+
+
+def read_type(
+    client: Any, contract_key: str, groups: dict, filters: dict
+) -> list[store.ItemRecord]:
+    """Every policy of one type, complete, as records (first sight wins for a repeated id)."""
+    contract = CONTRACTS[contract_key]
+    records: dict[str, store.ItemRecord] = {}
+    for obj in client.read_policies(contract_key):
+        if obj.get("id") is None:
+            raise GraphError(
+                PROVIDER_BAD_RESPONSE,
+                f"{contract_key}: an object without an id",
+                contract_key=contract_key,
+            )
+        record = store.item_record(contract, obj, groups, filters)
+        records.setdefault(record.external_id, record)
+    return list(records.values())
+
+
+def run_backup(
+    engine: Engine,
+    client: Any,
+    plan: BackupPlan,
+    set_id: int,
+    handle: OperationHandle | None,
+    *,
+    log: Any = None,
+) -> BackupSummary:
+    """Fill backup set ``set_id`` as planned and finish it. A type's items are stored only once
+    the whole type was read, so a set never holds half a type."""
+    started = time.monotonic()
+    before = client.stats.as_dict()
+    conn_id = plan.schedule.provider_connection_id
+    groups, filters = store.cached_names(engine, conn_id)
+    carried = (
+        store.carry_items(engine, plan.carry_from, set_id, plan.carry_types)
+        if plan.carry_from is not None
+        else 0
+    )
+    results: list[TypeResult] = []
+    failures: list[dict[str, Any]] = []
+    try:
+        for key in plan.read_types:
+            result = TypeResult(key)
+            results.append(result)
+            try:
+                result.stored = store.store_items(
+                    engine, set_id, read_type(client, key, groups, filters)
+                )
+            except GraphError as exc:
+                record_denied(engine, conn_id, exc, handle.id if handle else None)
+                if exc.reason_code in FATAL_REASONS:
+                    raise
+                result.error = exc
+                failures.append(failure(exc.reason_code, exc.message, key))
+                if handle is not None:
+                    handle.fail(exc.reason_code, exc.message, key)
+            if log is not None:
+                log.info(
+                    f"{key}: {result.stored.items} items, {result.stored.new_payloads} new "
+                    "payloads" + (f" ({result.error.reason_code})" if result.error else "")
+                )
+    except Exception as exc:
+        failures.append(_as_failure(exc))
+        store.finish_set(engine, set_id, store.SET_FAILED, failures)
+        raise
+    failed = sum(1 for r in results if r.error is not None)
+    status = set_status(len(results), failed, carried)
+    store.finish_set(engine, set_id, status, failures)
+    after = client.stats.as_dict()
+    return BackupSummary(
+        set_id=set_id,
+        status=status,
+        results=results,
+        carried_items=carried,
+        graph={k: after[k] - before.get(k, 0) for k in after},
+        duration_s=time.monotonic() - started,
+    )
+
+
+def _as_failure(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, AtlasError):
+        return exc.as_failure()
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return failure("internal_error", f"{type(exc).__name__}: {first}"[:500])
+
+
+def resolve_schedule(engine: Engine, row: OperationRun, conn_id: int) -> store.ScheduleRow:
+    """The backup schedule of a run: from its row (start surfaces and the schedule tick put it
+    there), else the connection's only schedule (a run launched from the Dagster UI)."""
+    context = row.context
+    found = None
+    if context.get("backup_schedule_id"):
+        found = store.find_schedule(engine, schedule_id=int(context["backup_schedule_id"]))
+    elif context.get("backup_schedule_key"):
+        found = store.find_schedule(engine, key=str(context["backup_schedule_key"]))
+    else:
+        candidates = store.schedules_of_connection(engine, conn_id)
+        if len(candidates) == 1:
+            found = candidates[0]
+        elif candidates:
+            raise AtlasError(
+                PROVIDER_CONNECTION_INVALID,
+                f"the connection has {len(candidates)} backup schedules; launch the run with the "
+                f"tag {TAG_BACKUP_SCHEDULE}=<schedule key>",
+            )
+    if found is None:
+        raise AtlasError(PROVIDER_CONNECTION_MISSING, "no backup schedule for this run")
+    if found.provider_connection_id != conn_id:
+        raise AtlasError(
+            PROVIDER_CONNECTION_INVALID,
+            f"backup schedule {found.key!r} belongs to another provider connection",
+        )
+    return found
+
+
+def plan_for_run(
+    engine: Engine, ledger: OperationLedger, row: OperationRun, schedule: store.ScheduleRow
+) -> BackupPlan:
+    retry_of = row.context.get("retry_of")
+    if retry_of is None:
+        return plan_backup(schedule)
+    retried = ledger.get(int(retry_of))
+    set_id = retried.context.get("backup_schedule_run_id") if retried else None
+    retried_set = store.get_set(engine, int(set_id)) if set_id else None
+    if retried_set is not None and retried_set.backup_schedule_id != schedule.id:
+        retried_set = None
+    return plan_backup(schedule, retried, retried_set)
+
+
+def _scheduled_for(row: OperationRun) -> datetime | None:
+    value = row.context.get("scheduled_for")
+    return datetime.fromisoformat(value) if value else None
+
+
+def _metadata(summary: BackupSummary, handle: OperationHandle) -> dict[str, Any]:
+    rows = [
+        (
+            r.contract_key,
+            r.stored.items,
+            r.stored.new_payloads,
+            r.error.reason_code if r.error else "",
+        )
+        for r in summary.results
+    ]
+    return {
+        **{k: dg.MetadataValue.int(v) for k, v in summary.counts().items()},
+        "backup_set_id": dg.MetadataValue.int(summary.set_id),
+        "backup_set_status": dg.MetadataValue.text(summary.status),
+        "changed_since_previous": dg.MetadataValue.json(summary.changes),
+        "retention_deleted_sets": dg.MetadataValue.int(len(summary.retention.deleted_sets)),
+        "retention_deleted_payloads": dg.MetadataValue.int(summary.retention.deleted_payloads),
+        "duration_s": dg.MetadataValue.float(round(summary.duration_s, 3)),
+        "operation_run_id": dg.MetadataValue.int(handle.id),
+        **graph_metadata(summary.graph),
+        "types": dg.MetadataValue.md(
+            markdown_table(
+                ("policy type", "items", "new payloads", "failure"),
+                rows,
+                empty="No policy type was read (everything was carried over).",
+            )
+        ),
+    }
+
+
+@dg.asset(
+    name="backups",
+    partitions_def=provider_connection_partitions,
+    group_name="backups",
+    description="Versioned policy backups per backup schedule (tables backup_sets, backup_items, "
+    "backup_payloads).",
+    kinds={"python", "sql"},
+)
+def backups(
+    context: dg.AssetExecutionContext,
+    database: DatabaseResource,
+    ledger: LedgerResource,
+    graph: GraphClientResource,
+):
+    with operation_scope(context, ledger) as handle:
+        engine = database.engine()
+        connection, conn_id = connection_for_run(database, context.partition_key)
+        schedule = resolve_schedule(engine, handle.row, conn_id)
+        plan = plan_for_run(engine, ledger.ledger(), handle.row, schedule)
+        set_id = store.create_set(
+            engine,
+            provider_connection_id=conn_id,
+            backup_schedule_id=schedule.id,
+            operation_run_id=handle.id,
+            scheduled_for=_scheduled_for(handle.row),
+            policy_types=plan.policy_types,
+        )
+        handle.set_context(
+            backup_schedule_run_id=set_id,
+            backup_schedule_id=schedule.id,
+            backup_schedule_key=schedule.key,
+            **({"carried_from_backup_set_id": plan.carry_from} if plan.carry_from else {}),
+        )
+        summary = run_backup(
+            engine, graph.client(connection), plan, set_id, handle, log=context.log
+        )
+        current = store.require_set(engine, set_id)
+        summary.changes = store.change_counts(engine, store.previous_set(engine, current), set_id)
+        if summary.status == store.SET_FAILED:
+            handle.progress(**summary.counts())
+            first = summary.results[0].error
+            assert first is not None
+            raise AtlasError(first.reason_code, f"every policy type failed; first: {first}")
+        summary.retention = store.apply_retention(engine, schedule.id, schedule.retention_days)
+        handle.progress(**summary.counts(), changed_since_previous=summary.changes)
+        yield dg.MaterializeResult(metadata=_metadata(summary, handle))
+
+
+backup_job = dg.define_asset_job(
+    "backup_job",
+    selection=dg.AssetSelection.assets(backups),
+    partitions_def=provider_connection_partitions,
+    description="Run types backup_schedule.run_now / .retry / .scheduled: one backup set of a "
+    "backup schedule.",
+)
+
+
+# --- Schedules ---------------------------------------------------------------------------------
+
+
+def schedule_name(key: str) -> str:
+    """``backup_schedule__<key>``; Dagster names allow no '-', and keys (slugs) no '_', so
+    mapping one to the other keeps names unique."""
+    return f"backup_schedule__{key.replace('-', '_')}"
+
+
+def backup_schedules(config: AtlasConfig) -> list[dg.ScheduleDefinition]:
+    """One Dagster schedule per configured backup schedule (built from the config: no I/O)."""
+    return [_backup_schedule(entry) for entry in config.backup_schedules]
+
+
+def _backup_schedule(entry: BackupSchedule) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name=schedule_name(entry.key),
+        cron_schedule=entry.cron,
+        execution_timezone=entry.timezone,
+        job=backup_job,
+        default_status=dg.DefaultScheduleStatus.RUNNING
+        if entry.enabled
+        else dg.DefaultScheduleStatus.STOPPED,
+        description=f"Backs up {entry.provider_connection} ({len(entry.policy_types)} policy "
+        f"types, kept {entry.retention_days} days).",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext, ledger: LedgerResource):
+        return scheduled_tick(context, ledger, entry)
+
+    return _schedule
+
+
+def scheduled_tick(
+    context: dg.ScheduleEvaluationContext, ledger: LedgerResource, entry: BackupSchedule
+) -> dg.RunRequest | dg.SkipReason:
+    """Create the tick's ledger row (strict identity: schedule + scheduled time), then request
+    its run. A tick evaluated again finds its row and requests nothing."""
+    when = context.scheduled_execution_time
+    if when is None:
+        return dg.SkipReason("no scheduled execution time: only the scheduler starts backups")
+    database = ledger.database
+    engine = database.engine()
+    schedule = store.find_schedule(engine, key=entry.key)
+    if schedule is None:
+        return dg.SkipReason(f"backup schedule {entry.key!r} is not in the database")
+    sync_partitions(context.instance, [c.key for c in database.config().provider_connections])
+    conn_id = connection_ids(engine)[entry.provider_connection]
+    scheduled_for = when.astimezone(UTC).isoformat()
+    name = schedule_name(entry.key)
+    started = ledger.ledger().start(
+        SCHEDULED,
+        provider_connection_id=conn_id,
+        trigger_source="schedule",
+        initiator=name,
+        context={
+            "backup_schedule_id": schedule.id,
+            "backup_schedule_key": entry.key,
+            "scheduled_for": scheduled_for,
+            "provider_connection_key": entry.provider_connection,
+        },
+    )
+    if not started.created:
+        return dg.SkipReason(
+            f"the tick of {scheduled_for} already has operation run #{started.row.id}"
+        )
+    return dg.RunRequest(
+        run_key=f"{name}:{scheduled_for}",
+        partition_key=entry.provider_connection,
+        tags={
+            TAG_OPERATION_RUN_ID: str(started.row.id),
+            TAG_RUN_TYPE: SCHEDULED,
+            TAG_BACKUP_SCHEDULE: entry.key,
+        },
+    )
