@@ -228,6 +228,89 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_config(args))
 
 
+# --- backups -----------------------------------------------------------------------------------
+
+
+def _backup_store_call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    from atlas_dagster.backup_store import BackupStoreError
+
+    try:
+        return fn(*args, **kw)
+    except BackupStoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_backups_list(args: argparse.Namespace) -> int:
+    from atlas_dagster.backup_store import list_sets
+    from atlas_dagster.resources.database import ready_engine
+
+    engine = ready_engine(_config(args))
+    sets = list_sets(engine, connection=args.connection, schedule=args.schedule, limit=args.limit)
+    if args.json:
+        _print_json([s.to_dict() for s in sets])
+        return EXIT_OK
+    print(
+        _table(
+            [
+                (
+                    s.id,
+                    s.provider_connection,
+                    s.backup_schedule,
+                    s.status,
+                    s.item_count,
+                    s.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    s.operation_run_id,
+                    ", ".join(sorted(s.failed_types)),
+                )
+                for s in sets
+            ],
+            ("id", "connection", "schedule", "status", "items", "created (UTC)", "run", "failed"),
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_backups_diff(args: argparse.Namespace) -> int:
+    from atlas_dagster.backup_store import diff_sets
+    from atlas_dagster.resources.database import ready_engine
+
+    diff = _backup_store_call(diff_sets, ready_engine(_config(args)), args.a, args.b)
+    if args.json:
+        _print_json(diff.to_dict())
+        return EXIT_OK
+    print(f"backup set #{diff.set_a} -> #{diff.set_b}")
+    if diff.skipped_types:
+        print(f"not compared (not complete in both sets): {', '.join(diff.skipped_types)}")
+    for sign, refs in (("+", diff.added), ("-", diff.removed)):
+        for ref in refs:
+            print(f"{sign} {ref.contract_key}  {ref.display_name}  ({ref.external_id})")
+    for change in diff.changed:
+        ref = change.policy
+        print(f"~ {ref.contract_key}  {ref.display_name}  ({ref.external_id})")
+        for f in change.fields:
+            values = {
+                "added": f"+ {json.dumps(f.after, default=str)}",
+                "removed": f"- {json.dumps(f.before, default=str)}",
+                "changed": f"{json.dumps(f.before, default=str)} -> "
+                f"{json.dumps(f.after, default=str)}",
+            }[f.kind]
+            print(f"    {f.path}: {values[:200]}")
+    print(f"{len(diff.added)} added, {len(diff.removed)} removed, {len(diff.changed)} changed")
+    return EXIT_OK
+
+
+def cmd_backups_export(args: argparse.Namespace) -> int:
+    from atlas_dagster.backup_store import export_set
+    from atlas_dagster.resources.database import ready_engine
+
+    result = _backup_store_call(export_set, ready_engine(_config(args)), args.set, args.dir)
+    print(
+        f"backup set #{args.set}: {len(result.files)} files in {result.directory}"
+        + (f" ({len(result.removed)} stale files removed)" if result.removed else "")
+    )
+    return EXIT_OK
+
+
 # --- simulator -----------------------------------------------------------------------------
 
 
@@ -286,6 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="every operation against the demo tenant on the embedded default"
     ).set_defaults(func=cmd_demo)
+
+    bk = sub.add_parser("backups", help="backup sets").add_subparsers(
+        dest="backups_command", required=True
+    )
+    bl = bk.add_parser("list", help="list backup sets, newest first")
+    bl.add_argument("--connection", help="provider connection key")
+    bl.add_argument("--schedule", help="backup schedule key")
+    bl.add_argument("--limit", type=int, default=50)
+    bl.add_argument("--json", action="store_true")
+    bl.set_defaults(func=cmd_backups_list)
+    bd = bk.add_parser("diff", help="policies added, removed and changed from set A to set B")
+    bd.add_argument("a", type=int)
+    bd.add_argument("b", type=int)
+    bd.add_argument("--json", action="store_true")
+    bd.set_defaults(func=cmd_backups_diff)
+    be = bk.add_parser("export", help="write a set as one JSON file per policy")
+    be.add_argument("set", type=int)
+    be.add_argument("dir")
+    be.set_defaults(func=cmd_backups_export)
 
     sim = sub.add_parser("simulator", help="the Microsoft Graph simulator").add_subparsers(
         dest="sim_command", required=True
