@@ -398,8 +398,6 @@ def scheduled_tick(
     """Create the tick's ledger row (strict identity: schedule + scheduled time), then request
     its run. A tick evaluated again finds its row and requests nothing."""
     when = context.scheduled_execution_time
-    if when is None:
-        return dg.SkipReason("no scheduled execution time: only the scheduler starts backups")
     database = ledger.database
     engine = database.engine()
     schedule = store.find_schedule(engine, key=entry.key)
