@@ -1,0 +1,142 @@
+"""Benchmark: full and no-change incremental syncs of simulated tenants into SQLite and PostgreSQL.
+
+Prints, per profile and backend: wall time, rows/s, Graph requests and peak RSS, for the groups
+sync (delta) and the inventory sync. Each scenario runs in its own process, so peak RSS is that
+scenario's alone.
+
+    python bench/sync.py                                  # small, large, xlarge on both backends
+    python bench/sync.py --profiles xlarge --backends postgres --only groups
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+PG_ADMIN = os.environ.get(
+    "ATLAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scenario(profile: str, database_url: str, only: str) -> dict:
+    """Runs in a child process: full sync, then a no-change incremental sync."""
+    from atlas_dagster import db
+    from atlas_dagster.assets.directory_groups import run_groups_sync
+    from atlas_dagster.assets.inventory import run_inventory_sync
+    from atlas_dagster.config import parse_config
+    from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.resources.graph import client_for
+    from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
+
+    config = parse_config(
+        f"database_url: {database_url}\nmass_deletion_threshold: 1.0\nprovider_connections:\n"
+        f"  - key: bench\n    simulated: {{profile: {profile}, seed: 1}}\n",
+        "bench",
+        {},
+    )
+    engine = ready_engine(config)
+    sim = GraphSimulator(SimulatedTenant.generate(profile, 1))
+    install_simulator("bench", sim)
+    client = client_for(config.connection("bench"))
+    conn_id = db.connection_ids(engine)["bench"]
+    out: dict = {"profile": profile, "backend": engine.dialect.name}
+    for phase in ("full", "incremental"):
+        if only in ("all", "groups"):
+            before, started = client.stats.requests, time.perf_counter()
+            result = run_groups_sync(engine, client, conn_id)
+            wall = time.perf_counter() - started
+            out[f"groups_{phase}"] = {
+                "rows": result.upserted,
+                "wall_s": round(wall, 2),
+                "rows_per_s": round(result.upserted / wall) if wall and result.upserted else 0,
+                "graph_requests": client.stats.requests - before,
+            }
+        if only in ("all", "inventory"):
+            before, started = client.stats.requests, time.perf_counter()
+            summary = run_inventory_sync(engine, client, conn_id, None)
+            wall = time.perf_counter() - started
+            items = summary.totals()["items"]
+            out[f"inventory_{phase}"] = {
+                "items": items,
+                "written": summary.totals()["created"] + summary.totals()["updated"],
+                "wall_s": round(wall, 2),
+                "items_per_s": round(items / wall) if wall else 0,
+                "graph_requests": client.stats.requests - before,
+                "graph_request_units": summary.graph.get("request_units", 0),
+            }
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    engine.dispose()
+    return out
+
+
+def _pg_database() -> tuple[str, str]:
+    import sqlalchemy as sa
+
+    name = f"atlas_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(
+        PG_ADMIN.replace("postgresql://", "postgresql+psycopg2://"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    return name, PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def _drop(name: str) -> None:
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(
+        PG_ADMIN.replace("postgresql://", "postgresql+psycopg2://"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profiles", default="small,large,xlarge")
+    parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--only", default="all", choices=("all", "groups", "inventory"))
+    parser.add_argument("--child", nargs=2, metavar=("PROFILE", "URL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(scenario(args.child[0], args.child[1], args.only)))
+        return
+    for profile in args.profiles.split(","):
+        for backend in args.backends.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                pg_name = None
+                if backend == "postgres":
+                    pg_name, url = _pg_database()
+                else:
+                    url = f"sqlite:///{tmp}/bench.db"
+                try:
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--only", args.only, "--child", profile, url],
+                        capture_output=True,
+                        text=True,
+                        cwd=tmp,
+                    )
+                finally:
+                    if pg_name:
+                        _drop(pg_name)
+            if done.returncode != 0:
+                print(f"{profile}/{backend}: FAILED\n{done.stderr[-2000:]}")
+                continue
+            print(json.dumps(json.loads(done.stdout.strip().splitlines()[-1])))
+
+
+if __name__ == "__main__":
+    main()
