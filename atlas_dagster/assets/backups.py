@@ -354,7 +354,6 @@ def backups(
 backup_job = dg.define_asset_job(
     "backup_job",
     selection=dg.AssetSelection.assets(backups),
-    partitions_def=provider_connection_partitions,
     description="Run types backup_schedule.run_now / .retry / .scheduled: one backup set of a "
     "backup schedule.",
 )
