@@ -235,7 +235,7 @@ def _kill_tree(popen: subprocess.Popen[bytes]) -> None:
         descendants = psutil.Process(popen.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         descendants = []
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         with suppress(ProcessLookupError):
             os.killpg(popen.pid, sig)
         for child in descendants:

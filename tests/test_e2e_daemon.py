@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -98,7 +99,7 @@ provider_connections:
     return path
 
 
-def _cli_start(group: ProcessGroup, run_type: str, connection: str) -> OperationRun:
+def _cli_start(group: ProcessGroup, run_type: str, connection: str) -> dict[str, Any]:
     """``atlas-dagster start TYPE --connection K --json``: submits through the webserver."""
     done = subprocess.run(
         [str(BIN / "atlas-dagster"), "start", run_type, "--connection", connection, "--json"],
@@ -143,6 +144,8 @@ def test_daemon_mirror_completes_every_row_with_dagster_times_and_reasons(
     env = process_env(home, config, E2E_CLIENT_SECRET="e2e-not-a-real-secret")
     engine = sa.create_engine(sqlalchemy_url(app_url))
     ledger = OperationLedger(engine)
+    # Opening the instance here creates Dagster's schema before the webserver and the daemon
+    # both try to at once.
     instance = dg.DagsterInstance.get()
     try:
         with dagster_processes(env, tmp_path, tmp_path / "logs") as group:
@@ -180,6 +183,9 @@ def test_daemon_mirror_completes_every_row_with_dagster_times_and_reasons(
                 DagsterRunStatus.QUEUED
             ), "the per-tenant concurrency limit should hold the second run of 'hang' back"
             client.terminate_run(queued["dagster_run_id"])
+            assert instance.get_run_by_id(busy["dagster_run_id"]).status == (
+                DagsterRunStatus.STARTED
+            )
             os.kill(worker_pid, signal.SIGKILL)
 
             run_ids = [r["dagster_run_id"] for r in (busy, queued, failing, succeeding)] + [
