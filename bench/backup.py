@@ -1,0 +1,143 @@
+"""Benchmark: a backup of a simulated tenant, then an unchanged second backup.
+
+Prints, as JSON: items, payloads and bytes stored, wall time, and the request units of the first
+backup against the minimum (list pages plus the per-item reads Graph cannot return inline; target:
+at most 5 % over — the script exits 1 when it is over). A request unit is a request or a
+``$batch`` sub-request. The second backup must store no new payload.
+
+    python bench/backup.py [--profile large] [--database-url postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MAX_OVERHEAD_PCT = 5.0
+
+
+def minimum_units(tenant) -> int:
+    """List pages plus the per-item reads Graph cannot return inline, from the tenant's data and
+    the page sizes the server applies (a contract's ``$top``, capped by the server's maximum)."""
+    from atlas_dagster.simulator.server import DEFAULT_PAGE_MAX, PAGE_MAX
+    from graph_contracts import CONTRACTS, POLICY_CONTRACTS
+
+    def pages(contract_key: str, count: int) -> int:
+        limit = PAGE_MAX.get(contract_key, DEFAULT_PAGE_MAX)
+        size = min(CONTRACTS[contract_key].page_size or limit, limit)
+        return max(1, math.ceil(count / size))
+
+    total = 0
+    for key in POLICY_CONTRACTS:
+        contract = CONTRACTS[key]
+        objects = tenant.policies(key)
+        total += pages(key, len(objects))
+        per_item = [(d.key, d.contract, d.mode) for d in contract.details]
+        if contract.assignments in CONTRACTS:
+            per_item.append(("assignments", contract.assignments, "collection"))
+        for obj in objects:
+            for field, detail, mode in per_item:
+                total += 1 if mode == "merge" else pages(detail, len(obj.get(field) or []))
+    return total
+
+
+def _backup(engine, client, schedule) -> tuple[dict, float]:
+    from atlas_dagster import backup_store as store
+    from atlas_dagster.assets.backups import plan_backup, run_backup
+
+    plan = plan_backup(schedule)
+    set_id = store.create_set(
+        engine,
+        provider_connection_id=schedule.provider_connection_id,
+        backup_schedule_id=schedule.id,
+        operation_run_id=None,
+        scheduled_for=None,
+        policy_types=plan.policy_types,
+    )
+    started = time.perf_counter()
+    summary = run_backup(engine, client, plan, set_id, None)
+    wall = time.perf_counter() - started
+    return {"status": summary.status, **summary.counts()}, wall
+
+
+def _shared_names(engine, set_id: int) -> dict:
+    """Policies whose (type, display name) another policy of the set shares: all are kept."""
+    from atlas_dagster import backup_store as store
+
+    names: dict[tuple[str, str | None], int] = {}
+    for item in store.set_items(engine, set_id).values():
+        key = (item.contract_key, item.display_name)
+        names[key] = names.get(key, 0) + 1
+    return {
+        "names_shared": sum(1 for n in names.values() if n > 1),
+        "policies_sharing_a_name": sum(n for n in names.values() if n > 1),
+    }
+
+
+def run(profile: str, database_url: str) -> dict:
+    from atlas_dagster import backup_store as store
+    from atlas_dagster.config import parse_config
+    from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.resources.graph import client_for
+    from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
+
+    config = parse_config(
+        f"database_url: {database_url}\nprovider_connections:\n"
+        f"  - key: bench\n    simulated: {{profile: {profile}, seed: 1}}\n"
+        "backup_schedules:\n  - key: bench-nightly\n    provider_connection: bench\n"
+        '    cron: "0 2 * * *"\n',
+        "bench",
+        {},
+    )
+    engine = ready_engine(config)
+    sim = GraphSimulator(SimulatedTenant.generate(profile, 1))
+    install_simulator("bench", sim)
+    client = client_for(config.connection("bench"))
+    client.token_claims()  # sign in outside the measurement
+    schedule = store.find_schedule(engine, key="bench-nightly")
+    assert schedule is not None
+    first, first_wall = _backup(engine, client, schedule)
+    second, second_wall = _backup(engine, client, schedule)
+    minimum = minimum_units(sim.tenant)
+    units = first["graph_request_units"]
+    [newest] = store.list_sets(engine, limit=1)
+    return {
+        "profile": profile,
+        "backend": engine.dialect.name,
+        "first": {**first, "wall_s": round(first_wall, 2)},
+        "second_unchanged": {**second, "wall_s": round(second_wall, 2)},
+        "request_units": units,
+        "minimum_units": minimum,
+        "overhead_pct": round(100 * (units - minimum) / minimum, 2),
+        **_shared_names(engine, newest.id),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", default="large")
+    parser.add_argument("--database-url", help="default: a fresh SQLite file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        result = run(args.profile, url)
+    print(json.dumps(result, indent=2))
+    problems = []
+    if result["overhead_pct"] > MAX_OVERHEAD_PCT:
+        problems.append(f"request units {result['overhead_pct']}% over the minimum")
+    if result["second_unchanged"]["new_payloads"] != 0:
+        problems.append("the unchanged second backup stored new payloads")
+    if result["first"]["status"] != "complete":
+        problems.append(f"the backup is {result['first']['status']}")
+    if problems:
+        print("FAILED: " + "; ".join(problems), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
