@@ -120,9 +120,9 @@ class SimulatedTenant:
             return self.spec.groups - deleted_base + len(self._added_groups) - deleted_added
 
     def _base_group_id(self, index: int) -> str:
-        r = random.Random(self.seed * 1_000_003 + index)
-        a, b, c, d = r.getrandbits(32), r.getrandbits(16), r.getrandbits(12), r.getrandbits(14)
-        return f"{a:08x}-{b:04x}-4{c:03x}-{0x8000 | d:04x}-{index ^ self._mask:012x}"
+        digest = hashlib.blake2b(f"{self.seed}|{index}".encode(), digest_size=10).hexdigest()
+        tail = f"{index ^ self._mask:012x}"
+        return f"{digest[:8]}-{digest[8:12]}-4{digest[12:15]}-{'89ab'[index % 4]}{digest[15:18]}-{tail}"
 
     def _base_index(self, group_id: str) -> int | None:
         try:
@@ -137,17 +137,18 @@ class SimulatedTenant:
         """Group ``index`` as generated, in Graph's full form."""
         r = random.Random(self.seed * 1_000_003 + index)
         group_id = self._base_group_id(index)
-        r.random()  # keep the stream apart from the id's draws
         kind = r.random()
         department, role = r.choice(_DEPARTMENTS), r.choice(_ROLES)
         nickname = f"{department.lower().replace('&', '')}-{role.lower()}-{index}"
-        created = p.EPOCH - timedelta(minutes=index * 7 + r.randrange(7))
+        created = (p.EPOCH - timedelta(minutes=index * 7 + r.randrange(7))).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
         group: dict[str, Any] = {
             "@odata.type": p.G + "group",
             "id": group_id,
             "deletedDateTime": None,
             "classification": None,
-            "createdDateTime": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "createdDateTime": created,
             "creationOptions": [],
             "description": r.choice((None, f"{department} {role.lower()}")),
             "displayName": f"SG-{department}-{role}-{index:05d}",
@@ -160,7 +161,7 @@ class SimulatedTenant:
             "membershipRuleProcessingState": None,
             "onPremisesSyncEnabled": None,
             "proxyAddresses": [],
-            "renewedDateTime": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "renewedDateTime": created,
             "securityEnabled": True,
             "securityIdentifier": f"S-1-12-1-{r.getrandbits(31)}-{r.getrandbits(31)}",
             "visibility": None,
