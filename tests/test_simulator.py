@@ -572,3 +572,48 @@ def test_xlarge_groups_are_generated_on_demand_without_materialising():
 def test_xlarge_holds_at_least_5000_policies():
     tenant = SimulatedTenant.generate("xlarge", 1)
     assert sum(len(tenant.stored_policies(k)) for k in POLICY_CONTRACTS) >= 5000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MsalHttpClient.post hands msal's bytes client_assertion to httpx, which form-encodes "
+    "it as \"b'...'\"; Entra (and the simulator) refuse it as malformed (AADSTS50027)",
+)
+def test_msal_signs_in_with_a_registered_certificate_and_fails_once_it_expired(tmp_path, sim):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from atlas_dagster.config import Certificate, ProviderConnection
+    from atlas_dagster.reasons import GraphError
+    from atlas_dagster.resources.graph import GraphClient, TokenBucket
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "app.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    thumbprint = hashlib.sha1(b"app certificate").hexdigest().upper()
+
+    def client(name: str) -> GraphClient:
+        connection = ProviderConnection(
+            key=name,
+            display_name=name,
+            tenant_id=sim.tenant.tenant_id,
+            client_id=sim.tenant.client_id,
+            certificate=Certificate(str(pem), thumbprint),
+        )
+        return GraphClient(
+            connection, transport=sim.transport(), sleep=lambda s: None, bucket=TokenBucket()
+        )
+
+    sim.register_certificate(thumbprint, time.time() + 3600)
+    assert client("cert-ok").token_claims()["appidacr"] == "2"
+    sim.register_certificate(thumbprint, time.time() - 1)
+    with pytest.raises(GraphError) as failed:
+        client("cert-expired").token_claims()
+    assert failed.value.reason_code == "provider_auth_failed"
+    assert "AADSTS700027" in failed.value.message

@@ -281,16 +281,22 @@ class Authority:
 
     def _check_assertion(self, assertion: str) -> Answer | None:
         """Accept a client assertion whose header names a registered, unexpired certificate
-        (``x5t`` is the base64url SHA-1 thumbprint; ``x5t#S256`` is not registered here)."""
+        (``x5t`` is its base64url SHA-1 thumbprint, ``x5t#S256`` the SHA-256 one). The signature is
+        not checked: the simulator knows thumbprints, not public keys."""
         header = decode_jwt_part(assertion, 0)
         claims = decode_jwt_part(assertion, 1)
         if header is None or claims is None:
             return entra_error(401, "invalid_client", 50027, "JWT token is invalid or malformed.")
-        try:
-            thumbprint = b64url_decode(str(header.get("x5t", ""))).hex()
-        except (ValueError, binascii.Error):
-            thumbprint = ""
-        expires_at = self.certificates.get(thumbprint)
+        thumbprint, expires_at = "", None
+        for name in ("x5t", "x5t#S256"):
+            try:
+                candidate = b64url_decode(str(header.get(name, ""))).hex()
+            except (ValueError, binascii.Error):
+                continue
+            thumbprint = thumbprint or candidate
+            if candidate in self.certificates:
+                thumbprint, expires_at = candidate, self.certificates[candidate]
+                break
         if expires_at is None:
             return entra_error(
                 401,
