@@ -678,9 +678,15 @@ def export_set(engine: Engine, set_id: int, directory: str | Path) -> ExportResu
     )
     earlier = _manifest_files(root)
     files: list[dict[str, Any]] = []
+    used: set[str] = set()
     for key in sorted(items):
         item = items[key]
-        rel = f"{item.contract_key}/{file_stem(item.display_name, item.external_id)}.json"
+        stem = file_stem(item.display_name, item.external_id)
+        if f"{item.contract_key}/{stem}".lower() in used:
+            # Two ids that sanitise alike (or differ only in case): keep both files apart.
+            stem += "-" + hashlib.sha256(item.external_id.encode()).hexdigest()[:8]
+        used.add(f"{item.contract_key}/{stem}".lower())
+        rel = f"{item.contract_key}/{stem}.json"
         _write_if_changed(root / rel, export_text(payloads[item.content_hash]))
         names = payloads.get(item.assignment_names_hash or "")
         files.append(

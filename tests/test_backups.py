@@ -2,19 +2,41 @@
 against the Graph simulator, partial sets and retries."""
 
 import hashlib
+import io
 import json
+import random
+from contextlib import ExitStack, redirect_stdout
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import dagster as dg
 import pytest
 import sqlalchemy as sa
 
 from atlas_dagster import backup_store as store
-from atlas_dagster import schema
+from atlas_dagster import cli, schema
 from atlas_dagster.assets.backups import plan_backup, set_status
 from atlas_dagster.config import load_config
-from atlas_dagster.resources.database import ready_engine
-from atlas_dagster.resources.ledger import OperationRun
-from graph_contracts import POLICY_CONTRACTS
+from atlas_dagster.definitions import build_definitions
+from atlas_dagster.mirror import mirror_run_id
+from atlas_dagster.readiness import latest_checks
+from atlas_dagster.resources.database import DatabaseResource, ready_engine
+from atlas_dagster.resources.ledger import (
+    LedgerResource,
+    OperationLedger,
+    OperationRun,
+    related_links,
+)
+from atlas_dagster.simulator import (
+    GraphSimulator,
+    SimulatedTenant,
+    install_simulator,
+    uninstall_simulator,
+)
+from atlas_dagster.starts import start_operation
+from graph_contracts import APPS, CONTRACTS, POLICY_CONTRACTS, all_permissions
 from tests.conftest import write_config
 
 # --- Field diff (pure) ---------------------------------------------------------------------
@@ -257,3 +279,319 @@ def test_identical_payloads_are_stored_once(engine):
     result = store.store_items(engine, second, [a])
     assert (result.items, result.new_payloads, result.new_payload_bytes) == (1, 0, 0)
     assert len(_payload_hashes(engine)) == 1
+
+
+# --- The backup job against the simulator ----------------------------------------------------
+
+
+@dataclass
+class Env:
+    config: Any
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    tenant: SimulatedTenant
+    sim: GraphSimulator
+    engine: sa.Engine
+    ledger: OperationLedger
+    root: Path
+
+
+@pytest.fixture
+def make_env(tmp_path, database_url, monkeypatch):
+    with ExitStack() as stack:
+
+        def make(profile: str = "small", granted_roles: list[str] | None = None) -> Env:
+            cfg = write_config(tmp_path / "atlas.yaml", database_url)
+            monkeypatch.setenv("ATLAS_CONFIG", str(cfg))
+            config = load_config(cfg)
+            tenant = SimulatedTenant.generate(profile, 3)
+            sim = GraphSimulator(tenant, granted_roles=granted_roles)
+            install_simulator("contoso", sim)
+            stack.callback(uninstall_simulator, "contoso")
+            instance = stack.enter_context(dg.instance_for_test())
+            engine = ready_engine(config)
+            return Env(
+                config,
+                build_definitions(config),
+                instance,
+                tenant,
+                sim,
+                engine,
+                OperationLedger(engine),
+                tmp_path,
+            )
+
+        yield make
+
+
+def _start(env: Env, run_type: str = "backup_schedule.run_now", **kw: Any) -> OperationRun:
+    if "retry_of" not in kw:
+        kw["schedule"] = "contoso-nightly"
+    return start_operation(
+        env.config, run_type, defs=env.defs, in_process=True, instance=env.instance, **kw
+    ).row
+
+
+def _backup(env: Env, **kw: Any) -> tuple[OperationRun, store.BackupSet]:
+    row = _start(env, **kw)
+    return row, store.require_set(env.engine, row.context["backup_schedule_run_id"])
+
+
+def _exported(directory: Path) -> dict[tuple[str, str], str]:
+    manifest = json.loads((directory / store.MANIFEST).read_text())
+    return {
+        (f["contract_key"], f["external_id"]): (directory / f["file"]).read_text(encoding="utf-8")
+        for f in manifest["files"]
+    }
+
+
+def test_a_large_backup_holds_every_policy_complete_and_exports_it_exactly(make_env):
+    env = make_env("large")
+    row, backup = _backup(env)
+    assert (row.status, row.outcome, backup.status) == ("completed", "succeeded", "complete")
+    assert row.context["backup_schedule_run_id"] == backup.id
+    expected = {key: env.tenant.policies(key) for key in POLICY_CONTRACTS}
+    assert backup.item_count == sum(len(v) for v in expected.values())
+
+    out = env.root / "export"
+    result = store.export_set(env.engine, backup.id, out)
+    files = _exported(out)
+    assert len(result.files) == len(files) == backup.item_count
+    for key, objects in expected.items():
+        for obj in objects:
+            text = files[(key, obj["id"])]
+            assert json.loads(text) == obj  # the payload exactly as Graph returned it
+            assert text == json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    # Settings catalog policies spanning several pages of 25 settings came back whole.
+    multi_page = [o for o in expected["settings_catalog"] if len(o["settings"]) > 50]
+    assert multi_page
+    for obj in multi_page:
+        assert len(json.loads(files[("settings_catalog", obj["id"])])["settings"]) == len(
+            obj["settings"]
+        )
+
+
+def test_exporting_again_is_byte_stable_and_drops_deleted_policies(make_env):
+    env = make_env()
+    _, first = _backup(env)
+    out = env.root / "export"
+    store.export_set(env.engine, first.id, out)
+    before = {p: p.read_bytes() for p in out.rglob("*.json") if p.name != store.MANIFEST}
+    victim = next(o for o in env.tenant.policies("device_configurations"))
+    env.tenant.delete_policy("device_configurations", victim["id"])
+    _, second = _backup(env)
+    result = store.export_set(env.engine, second.id, out)
+    after = {p: p.read_bytes() for p in out.rglob("*.json") if p.name != store.MANIFEST}
+    [gone] = result.removed
+    assert victim["id"] in gone and (out / gone) not in after
+    assert after == {p: b for p, b in before.items() if p != out / gone}
+
+
+def test_an_unchanged_second_backup_stores_no_new_payloads(make_env):
+    env = make_env("medium")
+    first_row, first = _backup(env)
+    second_row, second = _backup(env)
+    assert first_row.summary_counts["new_payloads"] > 0
+    assert second_row.summary_counts["new_payloads"] == 0
+    assert second_row.summary_counts["new_payload_bytes"] == 0
+    assert second_row.summary_counts["changed_since_previous"] == {
+        "added": 0,
+        "removed": 0,
+        "changed": 0,
+    }
+    old, new = store.set_items(env.engine, first.id), store.set_items(env.engine, second.id)
+    assert {k: v.content_hash for k, v in old.items()} == {
+        k: v.content_hash for k, v in new.items()
+    }
+
+
+def test_diff_after_tenant_changes_lists_exactly_the_changed_policies_and_fields(make_env):
+    env = make_env()
+    _, first = _backup(env)
+    t = env.tenant
+    renamed = t.policies("device_configurations")[0]
+    t.update_policy("device_configurations", renamed["id"], {"displayName": "Renamed policy"})
+    catalog = next(o for o in t.stored_policies("settings_catalog") if o["settings"])
+    settings = json.loads(json.dumps(catalog["settings"]))
+    setting = settings[-1]["settingInstance"]
+    setting["choiceSettingValue"]["value"] += "_changed"
+    t.update_policy("settings_catalog", catalog["id"], {"settings": settings})
+    reassigned = next(o for o in t.stored_policies("compliance_policies") if o["assignments"])
+    dropped = reassigned["assignments"][0]
+    t.set_assignments("compliance_policies", reassigned["id"], reassigned["assignments"][1:])
+    added = t.add_policy("powershell_scripts")
+    deleted = t.policies("feature_update_profiles")[0]
+    t.delete_policy("feature_update_profiles", deleted["id"])
+    t.update_group(t.random_group_id(random.Random(1)), {"displayName": "Renamed group"})
+    _, second = _backup(env)
+
+    diff = store.diff_sets(env.engine, first.id, second.id)
+    assert diff.skipped_types == []
+    assert [(p.contract_key, p.external_id) for p in diff.added] == [
+        ("powershell_scripts", added["id"])
+    ]
+    assert [(p.contract_key, p.external_id) for p in diff.removed] == [
+        ("feature_update_profiles", deleted["id"])
+    ]
+    changes = {
+        (c.policy.contract_key, c.policy.external_id): [(f.path, f.kind) for f in c.fields]
+        for c in diff.changed
+    }
+    definition = setting["settingDefinitionId"]
+    assert changes == {
+        ("device_configurations", renamed["id"]): [("displayName", "changed")],
+        ("settings_catalog", catalog["id"]): [
+            (
+                f"settings[settingInstance.settingDefinitionId={definition}]"
+                ".settingInstance.choiceSettingValue.value",
+                "changed",
+            )
+        ],
+        ("compliance_policies", reassigned["id"]): [
+            (f"assignments[id={dropped['id']}]", "removed")
+        ],
+    }
+    # The same through the CLI, as JSON.
+    code, out = _cli(env, "backups", "diff", str(first.id), str(second.id), "--json")
+    assert code == 0 and json.loads(out) == json.loads(json.dumps(diff.to_dict(), default=str))
+
+
+def test_a_403_on_one_type_makes_the_set_partial_and_a_retry_completes_only_that_type(
+    make_env,
+):
+    roles = [r for r in all_permissions() if r != APPS]
+    env = make_env(granted_roles=roles)
+    denied = {k for k in POLICY_CONTRACTS if APPS in CONTRACTS[k].permissions}
+    row, partial = _backup(env)
+    assert (row.outcome, partial.status) == ("partially_succeeded", "partial")
+    assert {f["contract_key"] for f in partial.failure_summary} == denied
+    assert {f["reason_code"] for f in partial.failure_summary} == {"provider_permission_denied"}
+    assert {f["contract_key"] for f in row.failure_summary} == denied
+    held = {k for k, _ in store.set_items(env.engine, partial.id)}
+    assert held == {k for k in POLICY_CONTRACTS if env.tenant.policies(k)} - denied
+    checks = {
+        c["contract_key"]: c["status"]
+        for c in latest_checks(env.engine, row.provider_connection_id)
+    }
+    assert all(checks[k] == "missing_permission" for k in denied)
+
+    env.sim.granted_roles = all_permissions()
+    env.sim.stats.reset()
+    retry, retried = _backup(env, run_type="backup_schedule.retry", retry_of=row.id)
+    assert (retry.outcome, retried.status) == ("succeeded", "complete")
+    assert retry.context["retry_of"] == row.id
+    assert retried.backup_schedule_id == partial.backup_schedule_id
+    read = {k for k in env.sim.stats.per_contract if k in CONTRACTS and CONTRACTS[k].policy}
+    assert read == denied
+    assert retry.summary_counts["items_carried"] == partial.item_count
+    items = store.set_items(env.engine, retried.id)
+    for key in POLICY_CONTRACTS:
+        assert {i for k, i in items if k == key} == {o["id"] for o in env.tenant.policies(key)}
+
+
+def test_policies_that_share_a_display_name_are_all_kept(make_env):
+    env = make_env()
+    twin = env.tenant.policies("device_configurations")[0]
+    copies = [
+        env.tenant.add_policy("device_configurations", {**twin, "id": f"twin-{n}"})
+        for n in range(2)
+    ]
+    _, backup = _backup(env)
+    named = [
+        i
+        for i in store.set_items(env.engine, backup.id).values()
+        if i.display_name == twin["displayName"] and i.contract_key == "device_configurations"
+    ]
+    assert {i.external_id for i in named} >= {twin["id"], *(c["id"] for c in copies)}
+    result = store.export_set(env.engine, backup.id, env.root / "export")
+    assert len(result.files) == backup.item_count
+
+
+def test_assignment_names_are_recorded_from_the_cached_tables(make_env):
+    env = make_env()
+    for run_type in ("directory_groups.sync", "inventory.sync"):
+        assert _start(env, run_type, connection="contoso").outcome == "succeeded"
+    calls_before = env.sim.stats.total
+    _, backup = _backup(env)
+    assert env.sim.stats.total - calls_before > 0
+    store.export_set(env.engine, backup.id, env.root / "export")
+    manifest = json.loads((env.root / "export" / store.MANIFEST).read_text())
+    groups = {g["id"]: g["displayName"] for g in env.tenant.groups()}
+    filters = {f["id"]: f["displayName"] for f in env.tenant.policies("assignment_filters")}
+    seen_group = seen_filter = 0
+    for entry in manifest["files"]:
+        for a in entry["assignments"]:
+            if a["group_id"] in groups:
+                assert a["group_name"] == groups[a["group_id"]]
+                seen_group += 1
+            if a["filter_id"]:
+                assert a["filter_name"] == filters[a["filter_id"]]
+                seen_filter += 1
+    assert seen_group and seen_filter
+
+
+def test_materialisation_metadata_and_ledger_point_at_the_set(make_env):
+    env = make_env()
+    row, backup = _backup(env)
+    event = env.instance.get_latest_materialization_event(dg.AssetKey("backups"))
+    meta = event.asset_materialization.metadata
+    assert event.asset_materialization.partition == "contoso"
+    assert meta["items"].value == backup.item_count
+    assert meta["backup_set_id"].value == backup.id
+    assert meta["operation_run_id"].value == row.id
+    assert meta["new_payloads"].value == row.summary_counts["new_payloads"] > 0
+    assert meta["changed_since_previous"].value == {
+        "added": backup.item_count,
+        "removed": 0,
+        "changed": 0,
+    }
+    assert related_links(row, "http://ui")["backup_set"].endswith(f"export {backup.id}")
+
+
+def test_a_scheduled_tick_runs_a_backup_recording_its_scheduled_time(make_env):
+    env = make_env()
+    when = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+    schedule = env.defs.get_schedule_def("backup_schedule__contoso_nightly")
+    ledger_resource = LedgerResource(database=DatabaseResource())
+    with dg.build_schedule_context(
+        instance=env.instance,
+        scheduled_execution_time=when,
+        resources={"ledger": ledger_resource},
+        repository_def=env.defs.get_repository_def(),
+    ) as context:
+        [request] = schedule.evaluate_tick(context).run_requests
+    result = env.defs.resolve_job_def("backup_job").execute_in_process(
+        instance=env.instance,
+        partition_key=request.partition_key,
+        tags=request.tags,
+        raise_on_error=False,
+    )
+    assert result.success
+    row = mirror_run_id(env.ledger, env.instance, result.run_id)
+    backup = store.require_set(env.engine, row.context["backup_schedule_run_id"])
+    assert (row.type, row.outcome) == ("backup_schedule.scheduled", "succeeded")
+    assert backup.scheduled_for == when
+    assert backup.operation_run_id == row.id
+
+
+def test_cli_lists_and_exports_sets_and_rejects_unknown_ones(make_env):
+    env = make_env()
+    _, backup = _backup(env)
+    code, out = _cli(env, "backups", "list", "--json")
+    assert code == 0
+    [listed] = json.loads(out)
+    assert (listed["id"], listed["status"], listed["backup_schedule"]) == (
+        backup.id,
+        "complete",
+        "contoso-nightly",
+    )
+    code, out = _cli(env, "backups", "export", str(backup.id), str(env.root / "cli-export"))
+    assert code == 0 and f"{backup.item_count} files" in out
+    assert _cli(env, "backups", "diff", str(backup.id), "999")[0] == 2
+
+
+def _cli(env: Env, *args: str) -> tuple[int, str]:
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = cli.main(list(args))
+    return code, buffer.getvalue()
