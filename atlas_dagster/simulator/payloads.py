@@ -40,7 +40,6 @@ class Ctx:
     pick_group: Callable[[random.Random], str]
     filter_ids: Callable[[], Sequence[str]]
     policy_ids: Callable[[str], Sequence[str]]
-    now: Callable[[], datetime]
 
     def dates(self) -> dict[str, str]:
         created = EPOCH + timedelta(minutes=self.rng.randrange(0, 60 * 24 * 180))

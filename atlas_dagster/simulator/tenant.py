@@ -313,7 +313,6 @@ class SimulatedTenant:
             pick_group=self.random_group_id,
             filter_ids=lambda: list(self._store("assignment_filters")),
             policy_ids=lambda key: list(self._store(key)),
-            now=lambda: self._clock,
         )
 
     def _generate(self, key: str) -> list[dict[str, Any]]:
