@@ -39,7 +39,12 @@ from tests.dagster_procs import (
     write_instance,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.postgres,
+    # Raised inside dagster_graphql's own client (gql 4 deprecated its call style).
+    pytest.mark.filterwarnings("ignore:Using variable_values:DeprecationWarning"),
+]
 
 TERMINAL_WAIT = 120.0
 # The ledger stores Dagster's own start/end times; allow for the database's rounding only.
