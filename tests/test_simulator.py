@@ -574,11 +574,6 @@ def test_xlarge_holds_at_least_5000_policies():
     assert sum(len(tenant.stored_policies(k)) for k in POLICY_CONTRACTS) >= 5000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MsalHttpClient.post hands msal's bytes client_assertion to httpx, which form-encodes "
-    "it as \"b'...'\"; Entra (and the simulator) refuse it as malformed (AADSTS50027)",
-)
 def test_msal_signs_in_with_a_registered_certificate_and_fails_once_it_expired(tmp_path, sim):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa

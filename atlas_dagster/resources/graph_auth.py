@@ -55,7 +55,7 @@ class MsalHttpClient:
         return self._http.post(
             self.map_url(url),
             params=params,
-            data=data,
+            data=_form(data),
             headers=_clean(headers),
             timeout=_timeout(kw),
         )
@@ -63,6 +63,14 @@ class MsalHttpClient:
     def close(self) -> None:
         # The httpx client belongs to the GraphClient's session, which closes it.
         return None
+
+
+def _form(data: Any) -> Any:
+    # msal hands the certificate's client assertion over as bytes; httpx would form-encode
+    # bytes as their repr ("b'eyJ…'"), which Entra rejects as a malformed JWT.
+    if isinstance(data, Mapping):
+        return {k: v.decode() if isinstance(v, bytes) else v for k, v in data.items()}
+    return data
 
 
 def _clean(headers: Mapping[str, Any] | None) -> dict[str, str]:
