@@ -19,6 +19,7 @@ from atlas_dagster import backup_store as store
 from atlas_dagster import cli, schema
 from atlas_dagster.assets.backups import plan_backup, set_status
 from atlas_dagster.config import load_config
+from atlas_dagster.connections import sync_partitions
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.mirror import mirror_run_id
 from atlas_dagster.readiness import latest_checks
@@ -388,7 +389,7 @@ def test_exporting_again_is_byte_stable_and_drops_deleted_policies(make_env):
 
 
 def test_an_unchanged_second_backup_stores_no_new_payloads(make_env):
-    env = make_env("medium")
+    env = make_env()
     first_row, first = _backup(env)
     second_row, second = _backup(env)
     assert first_row.summary_counts["new_payloads"] > 0
@@ -572,6 +573,23 @@ def test_a_scheduled_tick_runs_a_backup_recording_its_scheduled_time(make_env):
     assert (row.type, row.outcome) == ("backup_schedule.scheduled", "succeeded")
     assert backup.scheduled_for == when
     assert backup.operation_run_id == row.id
+
+
+def test_a_run_launched_from_the_dagster_ui_without_tags_backs_up_the_only_schedule(make_env):
+    env = make_env()
+    sync_partitions(env.instance, ["contoso"])
+    result = env.defs.resolve_job_def("backup_job").execute_in_process(
+        instance=env.instance, partition_key="contoso", raise_on_error=False
+    )
+    assert result.success
+    row = mirror_run_id(env.ledger, env.instance, result.run_id)
+    backup = store.require_set(env.engine, row.context["backup_schedule_run_id"])
+    assert (row.type, row.trigger_source, row.outcome) == (
+        "backup_schedule.run_now",
+        "dagster_ui",
+        "succeeded",
+    )
+    assert (backup.backup_schedule, backup.status) == ("contoso-nightly", "complete")
 
 
 def test_cli_lists_and_exports_sets_and_rejects_unknown_ones(make_env):
