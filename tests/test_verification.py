@@ -1,0 +1,158 @@
+"""Verification of a connection: sign-in, permissions per contract, probes, ledger outcome."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import dagster as dg
+import pytest
+
+from atlas_dagster.assets.verification import VERIFIED_CONTRACTS
+from atlas_dagster.connections import sync_partitions
+from atlas_dagster.definitions import build_definitions
+from atlas_dagster.readiness import latest_checks
+from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
+from atlas_dagster.starts import start_operation
+from graph_contracts import CONTRACTS
+from tests.conftest import write_config
+
+APPS = "DeviceManagementApps.Read.All"
+
+
+@pytest.fixture
+def env(tmp_path, database_url):
+    cfg = write_config(tmp_path / "atlas.yaml", database_url)
+    database = DatabaseResource(config_path=str(cfg))
+    config = database.config()
+    sim = GraphSimulator(SimulatedTenant.generate("small", 3))
+    install_simulator("contoso", sim)
+    with dg.instance_for_test() as instance:
+        sync_partitions(instance, ["contoso"])
+        yield {
+            "config": config,
+            "defs": build_definitions(config),
+            "instance": instance,
+            "sim": sim,
+            "engine": database.engine(),
+            "cfg": cfg,
+        }
+
+
+def _verify(env):
+    return start_operation(
+        env["config"],
+        "provider_connection.verify",
+        defs=env["defs"],
+        connection="contoso",
+        in_process=True,
+        instance=env["instance"],
+    ).row
+
+
+def _checks(env, row):
+    return {c["contract_key"]: c for c in latest_checks(env["engine"], row.provider_connection_id)}
+
+
+def test_full_permissions_make_every_contract_ready(env):
+    row = _verify(env)
+    assert (row.status, row.outcome, row.failure_summary) == ("completed", "succeeded", [])
+    checks = _checks(env, row)
+    assert set(checks) == set(VERIFIED_CONTRACTS)
+    assert {c["status"] for c in checks.values()} == {"ready"}
+    assert row.summary_counts["contracts_ready"] == len(VERIFIED_CONTRACTS)
+
+
+def test_missing_apps_permission_names_it_for_exactly_the_app_contracts(env):
+    env["sim"].granted_roles = [r for r in env["sim"].granted_roles if r != APPS]
+    row = _verify(env)
+    assert (row.status, row.outcome) == ("completed", "failed")
+    assert {f["reason_code"] for f in row.failure_summary} == {"provider_permission_denied"}
+    missing = {k: c for k, c in _checks(env, row).items() if c["status"] != "ready"}
+    expected = {
+        "app_protection_ios",
+        "app_protection_android",
+        "app_protection_windows",
+        "app_protection_mdm_wip",
+        "managed_app_configurations",
+        "mobile_app_configurations",
+    }
+    assert set(missing) == expected
+    assert all(
+        c["status"] == "missing_permission" and c["missing_permissions"] == [APPS]
+        for c in missing.values()
+    )
+    assert {f["contract_key"] for f in row.failure_summary} == expected
+
+
+def test_wrong_secret_is_auth_failed_and_probes_nothing(env):
+    env["sim"].client_secret = "not-the-secret"
+    env["sim"].stats.reset()
+    row = _verify(env)
+    assert (row.status, row.outcome) == ("completed", "failed")
+    assert [f["reason_code"] for f in row.failure_summary] == ["provider_auth_failed"]
+    assert "AADSTS" in row.failure_summary[0]["message"]
+    assert env["sim"].stats.total == 0  # no Graph request was made
+    assert {c["reason_code"] for c in _checks(env, row).values()} == {"provider_auth_failed"}
+
+
+def test_a_failing_probe_is_partial_not_failed(env):
+    env["sim"].faults.once("/deviceManagement/deviceCategories", "503", count=20)
+    row = _verify(env)
+    assert row.outcome == "partially_succeeded"
+    checks = _checks(env, row)
+    assert checks["device_categories"]["status"] == "probe_failed"
+    assert checks["device_categories"]["reason_code"] == "provider_unavailable"
+
+
+def test_concurrent_verifications_share_one_ledger_row(env):
+    from atlas_dagster.resources.ledger import OperationLedger
+
+    ledger = OperationLedger(env["engine"])
+    conn_id = _checks_conn_id(env)
+
+    def start(_):
+        return ledger.start(
+            "provider_connection.verify",
+            provider_connection_id=conn_id,
+            trigger_source="cli",
+            initiator="x",
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(start, range(8)))
+    assert len({r.row.id for r in results}) == 1 and sum(r.created for r in results) == 1
+
+
+def _checks_conn_id(env):
+    from atlas_dagster.db import connection_ids
+
+    return connection_ids(env["engine"])["contoso"]
+
+
+def test_cli_verify_prints_the_table_and_json(tmp_path):
+    cfg = write_config(tmp_path / "atlas.yaml", f"sqlite:///{tmp_path / 'cli.db'}")
+    env = {**os.environ, "ATLAS_CONFIG": str(cfg)}
+    table = subprocess.run(
+        [sys.executable, "-m", "atlas_dagster.cli", "verify", "--connection", "contoso"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "contract" in table.stdout and "ready" in table.stdout
+    assert CONTRACTS["settings_catalog"].title in table.stdout
+    as_json = subprocess.run(
+        [sys.executable, "-m", "atlas_dagster.cli", "verify", "--connection", "contoso", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["operation_run"]["outcome"] == "succeeded"
+    assert len(doc["checks"]) == len(VERIFIED_CONTRACTS)
