@@ -12,38 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 MAX_OVERHEAD_PCT = 5.0
-
-
-def minimum_units(tenant) -> int:
-    """List pages plus the per-item reads Graph cannot return inline, from the tenant's data and
-    the page sizes the server applies (a contract's ``$top``, capped by the server's maximum)."""
-    from atlas_dagster.simulator.server import DEFAULT_PAGE_MAX, PAGE_MAX
-    from graph_contracts import CONTRACTS, POLICY_CONTRACTS
-
-    def pages(contract_key: str, count: int) -> int:
-        limit = PAGE_MAX.get(contract_key, DEFAULT_PAGE_MAX)
-        size = min(CONTRACTS[contract_key].page_size or limit, limit)
-        return max(1, math.ceil(count / size))
-
-    total = 0
-    for key in POLICY_CONTRACTS:
-        contract = CONTRACTS[key]
-        objects = tenant.policies(key)
-        total += pages(key, len(objects))
-        per_item = [(d.key, d.contract, d.mode) for d in contract.details]
-        if contract.assignments in CONTRACTS:
-            per_item.append(("assignments", contract.assignments, "collection"))
-        for obj in objects:
-            for field, detail, mode in per_item:
-                total += 1 if mode == "merge" else pages(detail, len(obj.get(field) or []))
-    return total
 
 
 def _backup(engine, client, schedule) -> tuple[dict, float]:
@@ -84,7 +58,13 @@ def run(profile: str, database_url: str) -> dict:
     from atlas_dagster.config import parse_config
     from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.resources.graph import client_for
-    from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
+    from atlas_dagster.simulator import (
+        GraphSimulator,
+        SimulatedTenant,
+        install_simulator,
+        minimum_request_units,
+    )
+    from graph_contracts import POLICY_CONTRACTS
 
     config = parse_config(
         f"database_url: {database_url}\nprovider_connections:\n"
@@ -103,7 +83,7 @@ def run(profile: str, database_url: str) -> dict:
     assert schedule is not None
     first, first_wall = _backup(engine, client, schedule)
     second, second_wall = _backup(engine, client, schedule)
-    minimum = minimum_units(sim.tenant)
+    minimum = minimum_request_units(sim.tenant, POLICY_CONTRACTS)
     units = first["graph_request_units"]
     [newest] = store.list_sets(engine, limit=1)
     return {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -40,29 +39,6 @@ def _client(profile: str):
     return sim, client_for(config.connection("bench"))
 
 
-def minimum_units(sim) -> int:
-    """List pages plus per-item reads that cannot be inlined, from the tenant's own data."""
-    from graph_contracts import CONTRACTS, POLICY_CONTRACTS
-
-    total = 0
-    for key in POLICY_CONTRACTS:
-        contract = CONTRACTS[key]
-        objects = sim.tenant.policies(key)
-        page = sim.page_size(contract.key, contract.page_size)
-        total += max(1, math.ceil(len(objects) / page))
-        per_item = [(d.key, CONTRACTS[d.contract], d.mode) for d in contract.details]
-        if contract.assignments in CONTRACTS:
-            per_item.append(("assignments", CONTRACTS[contract.assignments], "collection"))
-        for obj in objects:
-            for field, detail, mode in per_item:
-                if mode == "merge":
-                    total += 1
-                else:
-                    size = sim.page_size(detail.key, detail.page_size)
-                    total += max(1, math.ceil(len(obj.get(field) or []) / size))
-    return total
-
-
 def full_read(profile: str) -> dict:
     from graph_contracts import POLICY_CONTRACTS
 
@@ -78,7 +54,9 @@ def full_read(profile: str) -> dict:
     after = client.stats.as_dict()
     units = after["request_units"] - before["request_units"]
     pages = after["pages"] - before["pages"]
-    minimum = minimum_units(sim)
+    from atlas_dagster.simulator import minimum_request_units
+
+    minimum = minimum_request_units(sim.tenant, POLICY_CONTRACTS)
     return {
         "profile": profile,
         "items": items,

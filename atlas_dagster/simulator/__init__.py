@@ -6,7 +6,12 @@ from __future__ import annotations
 import threading
 
 from atlas_dagster.simulator.faults import FaultPlan
-from atlas_dagster.simulator.server import GraphSimulator, SimulatorStats, serve_forever
+from atlas_dagster.simulator.server import (
+    GraphSimulator,
+    SimulatorStats,
+    minimum_request_units,
+    serve_forever,
+)
 from atlas_dagster.simulator.tenant import PROFILES, SimulatedTenant
 
 _registry: dict[str, GraphSimulator] = {}
@@ -40,6 +45,7 @@ __all__ = [
     "SimulatedTenant",
     "SimulatorStats",
     "install_simulator",
+    "minimum_request_units",
     "serve_forever",
     "simulator_for",
     "uninstall_simulator",

@@ -754,3 +754,28 @@ def serve_forever(
         )
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
+
+
+def minimum_request_units(tenant: SimulatedTenant, contract_keys: tuple[str, ...]) -> int:
+    """The fewest request units a complete read of these contracts can take from this tenant:
+    list pages plus the per-item reads Graph cannot return inline, at the page sizes this server
+    applies (a contract's ``$top``, capped by the server's maximum). Benchmarks compare with it."""
+    import math
+
+    def pages(contract_key: str, count: int) -> int:
+        limit = PAGE_MAX.get(contract_key, DEFAULT_PAGE_MAX)
+        size = min(CONTRACTS[contract_key].page_size or limit, limit)
+        return max(1, math.ceil(count / size))
+
+    total = 0
+    for key in contract_keys:
+        contract = CONTRACTS[key]
+        objects = tenant.policies(key)
+        total += pages(key, len(objects))
+        per_item = [(d.key, d.contract, d.mode) for d in contract.details]
+        if contract.assignments in CONTRACTS:
+            per_item.append(("assignments", contract.assignments, "collection"))
+        for obj in objects:
+            for field_name, detail, mode in per_item:
+                total += 1 if mode == "merge" else pages(detail, len(obj.get(field_name) or []))
+    return total
