@@ -83,6 +83,8 @@ class Contract:
     volatile_fields: tuple[str, ...] = ()
     # True for policy collections that inventory and backups read.
     policy: bool = False
+    # Which of Graph's throttling budgets the call spends (see THROTTLE_BUDGETS).
+    throttle: Literal["intune", "directory"] = "intune"
     parent: str | None = None
 
     @property
@@ -111,6 +113,14 @@ def _quote_id(item_id: str | None) -> str:
         raise ValueError(f"refusing to put {item_id!r} into a Graph path")
     return item_id
 
+
+# Graph throttles per service: Intune allows 1,000 requests per 20 s per tenant and app; Entra ID
+# (directory objects, conditional access) 3,500 per 10 s for the smallest tenants. A request unit
+# is a request or a $batch sub-request. Values: (burst capacity, refill per second).
+THROTTLE_BUDGETS: dict[str, tuple[float, float]] = {
+    "intune": (1000.0, 1000.0 / 20.0),
+    "directory": (3500.0, 3500.0 / 10.0),
+}
 
 # Application permissions, least-privileged read variants.
 CONFIG = "DeviceManagementConfiguration.Read.All"
@@ -461,6 +471,7 @@ _contracts: list[Contract] = [
         permissions=(POLICY,),
         default_policy_type="conditional_access",
         modified_field="modifiedDateTime",
+        throttle="directory",
         policy=True,
     ),
     # --- Tenant administration --------------------------------------------------------------
@@ -681,6 +692,7 @@ _contracts: list[Contract] = [
         ),
         permissions=(GROUPS,),
         modified_field=None,
+        throttle="directory",
     ),
     # --- Infrastructure ---------------------------------------------------------------------
     Contract(
@@ -873,6 +885,7 @@ __all__ = [
     "Classified",
     "Contract",
     "Detail",
+    "THROTTLE_BUDGETS",
     "TypeRule",
     "all_permissions",
     "canonical_json",

@@ -41,7 +41,7 @@ from atlas_dagster.resources.graph_auth import (
     build_app,
     decode_jwt_payload,
 )
-from graph_contracts import BATCH_SIZE, CONTRACTS, Contract
+from graph_contracts import BATCH_SIZE, CONTRACTS, THROTTLE_BUDGETS, Contract
 
 log = logging.getLogger("atlas_dagster.graph")
 
@@ -66,10 +66,9 @@ MAX_TRANSIENT = 3  # timeouts, transport errors, malformed bodies
 MAX_RETRY_AFTER = 300.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
-# Intune allows 1000 requests per 20 seconds per tenant; the burst equals the limit so that a
+# The default budget (Intune: 1000 requests per 20 s per tenant); the burst equals the limit so a
 # tenant needing fewer requests than that is never slowed down.
-BUCKET_CAPACITY = 1000.0
-BUCKET_REFILL_PER_SECOND = 1000.0 / 20.0
+BUCKET_CAPACITY, BUCKET_REFILL_PER_SECOND = THROTTLE_BUDGETS["intune"]
 SIMULATED_SECRET = "simulated-secret"
 
 
@@ -279,11 +278,13 @@ _registry_lock = threading.Lock()
 _buckets: dict[str, TokenBucket] = {}
 
 
-def bucket_for(tenant: str) -> TokenBucket:
+def bucket_for(tenant: str, family: str = "intune") -> TokenBucket:
+    """The process's bucket for one tenant and one of Graph's throttling budgets."""
     with _registry_lock:
-        bucket = _buckets.get(tenant)
+        bucket = _buckets.get(f"{tenant}|{family}")
         if bucket is None:
-            bucket = _buckets[tenant] = TokenBucket()
+            capacity, refill = THROTTLE_BUDGETS[family]
+            bucket = _buckets[f"{tenant}|{family}"] = TokenBucket(capacity, refill)
         return bucket
 
 
@@ -376,7 +377,8 @@ class GraphClient:
         self._base_url = connection.graph_base_url.rstrip("/")
         self._base_path = base.path.rstrip("/")
         self._scope = f"{self._base_url}/.default"
-        self._bucket = bucket or bucket_for(f"{base.netloc.lower()}|{connection.tenant_id}")
+        self._tenant_key = f"{base.netloc.lower()}|{connection.tenant_id}"
+        self._bucket = bucket
         self._session: _Session | None = None
 
     # -- plumbing ------------------------------------------------------------------------
@@ -457,8 +459,9 @@ class GraphClient:
         rest = parts.path[len(f"{self._base_path}/{contract.api_version}") :]
         return rest + (f"?{parts.query}" if parts.query else "")
 
-    def _pace(self, units: int) -> None:
-        wait = self._bucket.reserve(units)
+    def _pace(self, contract: Contract, units: int) -> None:
+        bucket = self._bucket or bucket_for(self._tenant_key, contract.throttle)
+        wait = bucket.reserve(units)
         if wait > 0:
             self._sleep(wait)
 
@@ -472,7 +475,7 @@ class GraphClient:
         refreshed = force_token = False
         while True:
             attempt += 1
-            self._pace(units)
+            self._pace(contract, units)
             token = self._token(force=force_token)
             force_token = False
             client_request_id = str(uuid.uuid4())
@@ -840,11 +843,7 @@ class GraphClient:
 
 def batch_contract_for(batch: Contract, contract: Contract) -> Contract:
     """The ``$batch`` contract on the API version of the sub-requests it carries."""
-    return (
-        batch
-        if batch.api_version == contract.api_version
-        else replace(batch, api_version=contract.api_version)
-    )
+    return replace(batch, api_version=contract.api_version, throttle=contract.throttle)
 
 
 # --- Process-level clients and the Dagster resource -------------------------------------------
