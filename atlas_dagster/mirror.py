@@ -186,7 +186,13 @@ def mirror_record(
         ledger.complete(row.id, outcome, started_at=started, completed_at=ended)
     elif status == DagsterRunStatus.FAILURE:
         fresh = ledger.get(row.id) or row
-        extra = [] if fresh.failure_summary else [_crash_failure(instance, run.run_id)]
+        # Failures the job recorded explain a run only if a step failed; a worker killed after
+        # recording some (e.g. one unreachable contract) still crashed.
+        step_failed = instance.get_records_for_run(
+            run.run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1
+        ).records
+        explained = fresh.failure_summary and step_failed
+        extra = [] if explained else [_crash_failure(instance, run.run_id)]
         ledger.complete(row.id, "failed", failures=extra, started_at=started, completed_at=ended)
     elif status == DagsterRunStatus.CANCELED:
         ledger.complete(
