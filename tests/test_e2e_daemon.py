@@ -224,7 +224,8 @@ def test_daemon_mirror_completes_every_row_with_dagster_times_and_reasons(
             assert (cancelled.outcome, _reasons(cancelled)) == ("cancelled", {"run_cancelled"})
 
             crashed = by_run[busy["dagster_run_id"]]
-            assert (crashed.outcome, _reasons(crashed)) == ("failed", {"run_crashed"})
+            # Contracts that timed out on "hang" before the kill may be listed too.
+            assert crashed.outcome == "failed" and "run_crashed" in _reasons(crashed)
             assert instance.get_run_by_id(busy["dagster_run_id"]).status == (
                 DagsterRunStatus.FAILURE
             )
