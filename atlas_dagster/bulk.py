@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from itertools import islice
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
-# SQLite allows 32,766 bound parameters per statement; PostgreSQL 65,535.
-_MAX_PARAMS = 30_000
+_ROWS_PER_CALL = 5_000
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
@@ -28,7 +30,7 @@ def upsert(
     *,
     update: Sequence[str] | None = None,
 ) -> None:
-    """INSERT … ON CONFLICT (key) DO UPDATE, as multi-row statements.
+    """INSERT … ON CONFLICT (key) DO UPDATE, in bulk (PostgreSQL: COPY; SQLite: executemany).
 
     Rows are grouped by the set of columns they carry, so a partial row (a delta page that names
     only changed properties) updates only the columns it has.
@@ -36,34 +38,83 @@ def upsert(
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(sorted(row)), []).append(row)
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     for columns, group in groups.items():
-        per_statement = max(1, _MAX_PARAMS // max(1, len(columns)))
         targets = [c for c in (update if update is not None else columns) if c in columns]
         targets = [c for c in targets if c not in key]
-        for batch in chunks(group, per_statement):
-            stmt = insert(table).values(batch)
-            if targets:
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=list(key),
-                    set_={c: getattr(stmt.excluded, c) for c in targets},
-                )
+        # ON CONFLICT may not touch one row twice in a statement: the last sight of a key wins.
+        unique = list({tuple(row[k] for k in key): row for row in group}.values())
+        for batch in chunks(unique, _ROWS_PER_CALL):
+            if conn.dialect.name == "postgresql":
+                _copy_upsert(conn, table, columns, batch, key, targets)
             else:
-                stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
-            conn.execute(stmt)
+                _sqlite_upsert(conn, table, batch, key, targets)
 
 
-def update_where_in(
-    conn: Connection,
-    table: sa.Table,
-    column: sa.Column,
-    values: Iterable[Any],
-    where: Any,
-    **changes: Any,
-) -> int:
-    """UPDATE table SET changes WHERE where AND column IN (values), chunked."""
-    total = 0
-    for batch in chunks(values, 5_000):
-        result = conn.execute(table.update().where(where, column.in_(batch)).values(**changes))
-        total += result.rowcount
-    return total
+def _sqlite_upsert(conn, table, batch, key, targets) -> None:
+    # One compiled statement, executed many times: sqlite3 loops in C.
+    stmt = sqlite.insert(table)
+    if targets:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(key), set_={c: getattr(stmt.excluded, c) for c in targets}
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
+    conn.execute(stmt, batch)
+
+
+def _copy_upsert(conn, table, columns, batch, key, targets) -> None:
+    """COPY the rows into a scratch table, then one INSERT … SELECT … ON CONFLICT.
+
+    psycopg2's executemany is a round trip per row; COPY streams them in one."""
+    cols = ", ".join(f'"{c}"' for c in columns)
+    scratch = f"_atlas_bulk_{table.name}"
+    action = (
+        "DO UPDATE SET " + ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in targets)
+        if targets
+        else "DO NOTHING"
+    )
+    buffer = io.StringIO()
+    for row in batch:
+        buffer.write(",".join(_csv_value(row[c]) for c in columns))
+        buffer.write("\n")
+    buffer.seek(0)
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(
+            f'CREATE TEMP TABLE IF NOT EXISTS "{scratch}" ON COMMIT DELETE ROWS AS '
+            f'SELECT * FROM "{table.name}" WITH NO DATA'
+        )
+        cursor.execute(f'TRUNCATE "{scratch}"')
+        cursor.copy_expert(f'COPY "{scratch}" ({cols}) FROM STDIN WITH (FORMAT csv)', buffer)
+        cursor.execute(
+            f'INSERT INTO "{table.name}" ({cols}) SELECT {cols} FROM "{scratch}" '
+            f"ON CONFLICT ({', '.join(key)}) {action}"
+        )
+    finally:
+        cursor.close()
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _json_text(value: Any) -> str:
+    return _quote(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+# By exact type: this runs once per cell of every bulk write.
+_CSV: dict[type, Any] = {
+    type(None): lambda _: "",  # unquoted empty is NULL in PostgreSQL's CSV
+    str: _quote,
+    bool: lambda v: "true" if v else "false",
+    int: str,
+    float: repr,
+    dict: _json_text,
+    list: _json_text,
+    datetime: lambda v: _quote(v.isoformat()),
+}
+
+
+def _csv_value(value: Any) -> str:
+    convert = _CSV.get(type(value))
+    return convert(value) if convert is not None else _quote(str(value))

@@ -2,7 +2,8 @@
 
 Prints, per profile and backend: wall time, rows/s, Graph requests and peak RSS, for the groups
 sync (delta) and the inventory sync. Each scenario runs in its own process, so peak RSS is that
-scenario's alone.
+scenario's alone; the simulator serves it from another process over loopback HTTP (`atlas-dagster
+simulator serve`), as Graph would from across the network, so its work is not counted as ours.
 
     python bench/sync.py                                  # small, large, xlarge on both backends
     python bench/sync.py --profiles xlarge --backends postgres --only groups
@@ -11,6 +12,7 @@ scenario's alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -29,7 +31,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def scenario(profile: str, database_url: str, only: str) -> dict:
+def scenario(profile: str, database_url: str, only: str, served: str) -> dict:
     """Runs in a child process: full sync, then a no-change incremental sync."""
     from atlas_dagster import db
     from atlas_dagster.assets.directory_groups import run_groups_sync
@@ -37,18 +39,19 @@ def scenario(profile: str, database_url: str, only: str) -> dict:
     from atlas_dagster.config import parse_config
     from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.resources.graph import client_for
-    from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
 
+    base_url, tenant_id, client_id = served.split(",")
     config = parse_config(
         f"database_url: {database_url}\nmass_deletion_threshold: 1.0\nprovider_connections:\n"
-        f"  - key: bench\n    simulated: {{profile: {profile}, seed: 1}}\n",
+        f"  - key: bench\n    tenant_id: {tenant_id}\n    client_id: {client_id}\n"
+        f"    client_secret: simulated-secret\n    graph_base_url: {base_url}\n"
+        f"    login_base_url: {base_url}\n",
         "bench",
         {},
     )
     engine = ready_engine(config)
-    sim = GraphSimulator(SimulatedTenant.generate(profile, 1))
-    install_simulator("bench", sim)
     client = client_for(config.connection("bench"))
+    client.token_claims()  # sign in outside the measurement
     conn_id = db.connection_ids(engine)["bench"]
     out: dict = {"profile": profile, "backend": engine.dialect.name}
     for phase in ("full", "incremental"):
@@ -109,33 +112,84 @@ def main() -> None:
     parser.add_argument("--profiles", default="small,large,xlarge")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--only", default="all", choices=("all", "groups", "inventory"))
-    parser.add_argument("--child", nargs=2, metavar=("PROFILE", "URL"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(scenario(args.child[0], args.child[1], args.only)))
+        print(json.dumps(scenario(*args.child[:2], args.only, args.child[2])))
         return
     for profile in args.profiles.split(","):
-        for backend in args.backends.split(","):
-            with tempfile.TemporaryDirectory() as tmp:
-                pg_name = None
-                if backend == "postgres":
-                    pg_name, url = _pg_database()
-                else:
-                    url = f"sqlite:///{tmp}/bench.db"
-                try:
-                    done = subprocess.run(
-                        [sys.executable, __file__, "--only", args.only, "--child", profile, url],
-                        capture_output=True,
-                        text=True,
-                        cwd=tmp,
-                    )
-                finally:
-                    if pg_name:
-                        _drop(pg_name)
-            if done.returncode != 0:
-                print(f"{profile}/{backend}: FAILED\n{done.stderr[-2000:]}")
-                continue
-            print(json.dumps(json.loads(done.stdout.strip().splitlines()[-1])))
+        with _simulator(profile) as served:
+            _profile(profile, served, args)
+
+
+@contextlib.contextmanager
+def _simulator(profile: str):
+    """`atlas-dagster simulator serve` on a free loopback port; yields "url,tenant,client"."""
+    import re
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atlas_dagster.cli",
+            "simulator",
+            "serve",
+            "--port",
+            str(port),
+            "--profile",
+            profile,
+            "--seed",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        found = re.search(r"at (\S+) tenant_id=(\S+) client_id=(\S+)", line)
+        if not found:
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        yield ",".join(found.groups())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _profile(profile: str, served: str, args: argparse.Namespace) -> None:
+    for backend in args.backends.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            pg_name = None
+            if backend == "postgres":
+                pg_name, url = _pg_database()
+            else:
+                url = f"sqlite:///{tmp}/bench.db"
+            try:
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--only",
+                        args.only,
+                        "--child",
+                        profile,
+                        url,
+                        served,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    cwd=tmp,
+                )
+            finally:
+                if pg_name:
+                    _drop(pg_name)
+        if done.returncode != 0:
+            print(f"{profile}/{backend}: FAILED\n{done.stderr[-2000:]}")
+            continue
+        print(json.dumps(json.loads(done.stdout.strip().splitlines()[-1])))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ a sync completes, so a failed sync is simply repeated.
 """
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -75,6 +76,10 @@ class GroupsResult:
 
 
 class GroupsWriter:
+    """Accumulates delta pages and writes them in batches on one background thread, so the
+    database works while the next pages are read. Batches are written in order (a later sight of
+    a group wins); at most one batch is in flight, which bounds memory."""
+
     def __init__(self, engine: Engine, conn_id: int, now: datetime):
         self.engine, self.conn_id, self.now = engine, conn_id, now
         self.pending: dict[str, dict[str, Any]] = {}
@@ -82,6 +87,8 @@ class GroupsWriter:
         self.result_upserted = 0
         self.result_created = 0
         self.result_removed = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groups-writer")
+        self._in_flight: Future | None = None
 
     def add(self, items: list[dict[str, Any]], removed: list[dict[str, Any]]) -> None:
         for obj in items:
@@ -99,14 +106,34 @@ class GroupsWriter:
                 self.pending.pop(gid, None)
                 self.removed.add(gid)
         if len(self.pending) + len(self.removed) >= FLUSH_ROWS:
-            self.flush()
+            self._submit()
 
     def flush(self) -> None:
+        """Write everything added so far, and wait for it."""
+        self._submit()
+        self._wait()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self) -> None:
+        self._wait()  # surfaces the previous batch's error before queueing another
+        if self.pending or self.removed:
+            batch, gone = self.pending, self.removed
+            self.pending, self.removed = {}, set()
+            self._in_flight = self._pool.submit(self._write, batch, gone)
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
+
+    def _write(self, pending: dict[str, dict[str, Any]], removed: set[str]) -> None:
         t = schema.directory_groups
         scope = t.c.provider_connection_id == self.conn_id
         with self.engine.begin() as conn:
-            if self.pending:
-                ids = list(self.pending)
+            if pending:
+                ids = list(pending)
                 known = set()
                 for batch in bulk.chunks(ids, 5_000):
                     known.update(
@@ -117,26 +144,24 @@ class GroupsWriter:
                             )
                         )
                     )
-                self.result_created += len(ids) - len(known)
                 bulk.upsert(
                     conn,
                     t,
-                    list(self.pending.values()),
+                    list(pending.values()),
                     ("provider_connection_id", "group_id"),
                     update=[c.name for c in t.c if c.name != "first_seen_at"],
                 )
+                self.result_created += len(ids) - len(known)
                 self.result_upserted += len(ids)
-            if self.removed:
+            if removed:
                 self.result_removed += bulk.update_where_in(
                     conn,
                     t,
                     t.c.group_id,
-                    self.removed,
+                    removed,
                     sa.and_(scope, t.c.deleted_at.is_(None)),
                     deleted_at=self.now,
                 )
-        self.pending.clear()
-        self.removed.clear()
 
     def reconcile_full(self) -> int:
         """After a complete full listing: whatever it did not hold is gone."""
@@ -187,12 +212,15 @@ def _read(engine: Engine, client: Any, conn_id: int, link: str | None, mode: str
     writer = GroupsWriter(engine, conn_id, now)
     result = GroupsResult(mode)
     final_link = None
-    for page in client.delta(CONTRACT_KEY, link):
-        result.pages += 1
-        writer.add(page.items, page.removed)
-        if page.delta_link:
-            final_link = page.delta_link
-    writer.flush()
+    try:
+        for page in client.delta(CONTRACT_KEY, link):
+            result.pages += 1
+            writer.add(page.items, page.removed)
+            if page.delta_link:
+                final_link = page.delta_link
+        writer.flush()
+    finally:
+        writer.close()
     if final_link is None:
         raise GraphError(
             "provider_bad_response",
