@@ -678,6 +678,7 @@ _contracts: list[Contract] = [
         path="/groups/delta",
         api_version="v1.0",
         paging="delta",
+        page_size=200,
         select=(
             "id",
             "displayName",

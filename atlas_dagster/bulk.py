@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
-_ROWS_PER_CALL = 5_000
+_ROWS_PER_CALL = 10_000
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:

@@ -32,7 +32,7 @@ from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
 
 CONTRACT_KEY = "groups_delta"
-FLUSH_ROWS = 5_000
+FLUSH_ROWS = 10_000
 
 # Graph property → column. Only properties present in an object are written: a delta page may
 # name only what changed, and a group split across pages repeats just id and members@delta.
@@ -85,8 +85,8 @@ class GroupsWriter:
         self.pending: dict[str, dict[str, Any]] = {}
         self.removed: set[str] = set()
         self.result_upserted = 0
-        self.result_created = 0
         self.result_removed = 0
+        self.active_before = active_groups(engine, conn_id)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groups-writer")
         self._in_flight: Future | None = None
 
@@ -132,18 +132,12 @@ class GroupsWriter:
         t = schema.directory_groups
         scope = t.c.provider_connection_id == self.conn_id
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Safe to skip the fsync wait here: the delta link is committed durably after
+                # the last batch, which flushes the WAL of every batch before it; a crash
+                # before that repeats the sync from the old link.
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             if pending:
-                ids = list(pending)
-                known = set()
-                for batch in bulk.chunks(ids, 5_000):
-                    known.update(
-                        r.group_id
-                        for r in conn.execute(
-                            sa.select(t.c.group_id).where(
-                                scope, t.c.group_id.in_(batch), t.c.deleted_at.is_(None)
-                            )
-                        )
-                    )
                 bulk.upsert(
                     conn,
                     t,
@@ -151,8 +145,7 @@ class GroupsWriter:
                     ("provider_connection_id", "group_id"),
                     update=[c.name for c in t.c if c.name != "first_seen_at"],
                 )
-                self.result_created += len(ids) - len(known)
-                self.result_upserted += len(ids)
+                self.result_upserted += len(pending)
             if removed:
                 self.result_removed += bulk.update_where_in(
                     conn,
@@ -178,6 +171,16 @@ class GroupsWriter:
             )
         self.result_removed += result.rowcount
         return result.rowcount
+
+
+def active_groups(engine: Engine, conn_id: int) -> int:
+    t = schema.directory_groups
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.count()).where(
+                t.c.provider_connection_id == conn_id, t.c.deleted_at.is_(None)
+            )
+        ).scalar_one()
 
 
 def stored_delta_link(engine: Engine, conn_id: int) -> str | None:
@@ -230,11 +233,9 @@ def _read(engine: Engine, client: Any, conn_id: int, link: str | None, mode: str
     if link is None:
         writer.reconcile_full()
     _store_delta_link(engine, conn_id, final_link)
-    result.upserted, result.created, result.removed = (
-        writer.result_upserted,
-        writer.result_created,
-        writer.result_removed,
-    )
+    result.upserted, result.removed = writer.result_upserted, writer.result_removed
+    # Every active group now is one that was active before, or a new (or restored) one.
+    result.created = active_groups(engine, conn_id) - writer.active_before + result.removed
     return result
 
 
@@ -293,13 +294,7 @@ def directory_groups(
             record_denied(engine, conn_id, exc, handle.id)
             raise
         _summary(result, handle)
-        t = schema.directory_groups
-        with engine.connect() as conn:
-            active = conn.execute(
-                sa.select(sa.func.count()).where(
-                    t.c.provider_connection_id == conn_id, t.c.deleted_at.is_(None)
-                )
-            ).scalar_one()
+        active = active_groups(engine, conn_id)
         yield dg.MaterializeResult(
             metadata={
                 "mode": dg.MetadataValue.text(result.mode),

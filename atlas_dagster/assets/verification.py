@@ -47,6 +47,8 @@ class Verification:
         return out
 
     def outcome(self) -> str:
+        if not self.signed_in:
+            return "failed"  # nothing could be verified, whatever kept us from signing in
         reasons = {f["reason_code"] for f in self.failures()}
         if reasons & BLOCKING_FOR_VERIFICATION:
             return "failed"

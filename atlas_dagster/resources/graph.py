@@ -485,6 +485,9 @@ class GraphClient:
                 "return-client-request-id": "true",
                 "Accept": "application/json",
             }
+            if contract.paging == "delta" and contract.page_size:
+                # Delta takes no $top; its page size is asked for with a preference.
+                headers["Prefer"] = f"odata.maxpagesize={contract.page_size}"
             try:
                 response = self._sess().http.request(method, url, headers=headers, json=body)
                 # Read the body now so that a truncated stream fails here, inside the retry.

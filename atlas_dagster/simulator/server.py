@@ -37,7 +37,8 @@ VERSIONS = ("v1.0", "beta")
 # settings sub-collection pages at 25 (clients that assume one page lose settings there).
 DEFAULT_PAGE_MAX = 100
 PAGE_MAX = {"settings_catalog.settings": 25}
-DELTA_PAGE = 100
+DELTA_PAGE = 100  # directory delta pages without a Prefer header
+DELTA_PAGE_MAX = 200  # the most `Prefer: odata.maxpagesize` gets for directory objects
 # Members of a group beyond this many arrive on a later delta page, as Graph splits them.
 MEMBERS_PER_PAGE = 4
 QUERY_OPTIONS = {"$select", "$expand", "$top", "$skiptoken", "$deltatoken"}
@@ -261,7 +262,16 @@ class GraphSimulator:
         if key == "batch":
             reply = self._batch(request, version, claims, base, ids)
         else:
-            reply = self._route(request.method, version, rest, query, claims, base, ids)
+            reply = self._route(
+                request.method,
+                version,
+                rest,
+                query,
+                claims,
+                base,
+                ids,
+                prefer=request.headers.get("Prefer"),
+            )
         response = self._respond(reply, ids)
         if fault == "malformed":
             truncated = response.content[: max(len(response.content) // 2, 1)]
@@ -280,6 +290,7 @@ class GraphSimulator:
         claims: dict[str, Any],
         base: str,
         ids: tuple[str, str],
+        prefer: str | None = None,
     ) -> _Reply:
         key, item_id = _ROUTER.match(version, rest)
         if key is None or key == "batch":
@@ -305,6 +316,7 @@ class GraphSimulator:
         try:
             options = self._options(contract, params)
             if contract.paging == "delta":
+                options["page"] = _delta_page_size(prefer)
                 return self._delta(version, rest, options, base, ids)
             if contract.is_item_read and contract.paging == "none":
                 return self._item(contract, version, item_id, options, base, ids)
@@ -439,11 +451,11 @@ class GraphSimulator:
         how = Shape(select)
         value: list[dict[str, Any]] = []
         if state["k"] == "i":
-            done = self._delta_initial(state, how, with_members, value)
+            done = self._delta_initial(state, how, with_members, value, options["page"])
             next_seq = state["s"]
         else:
             changed = self.tenant.group_changes_since(state["f"], until=state["t"])
-            window = changed[state["o"] : state["o"] + DELTA_PAGE]
+            window = changed[state["o"] : state["o"] + options["page"]]
             for group_id in window:
                 reason = self.tenant.deletion_reason(group_id)
                 group = self.tenant.group_by_id(group_id)
@@ -471,7 +483,12 @@ class GraphSimulator:
         return _Reply(200, body)
 
     def _delta_initial(
-        self, state: dict[str, Any], how: Shape, with_members: bool, value: list[dict[str, Any]]
+        self,
+        state: dict[str, Any],
+        how: Shape,
+        with_members: bool,
+        value: list[dict[str, Any]],
+        page: int,
     ) -> bool:
         """Fill one page of the initial round; True when the round is complete."""
         for group_id in state["m"]:
@@ -481,7 +498,7 @@ class GraphSimulator:
         pending: list[str] = []
         positions = self.tenant.group_positions
         position = state["p"]
-        while len(value) < DELTA_PAGE and position < positions:
+        while len(value) < page and position < positions:
             group_id, group = self.tenant.group_at(position)
             position += 1
             if group is None:
@@ -741,6 +758,12 @@ def _make_server(simulator: GraphSimulator, host: str, port: int) -> ThreadingHT
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     return server
+
+
+def _delta_page_size(prefer: str | None) -> int:
+    """Graph honours ``Prefer: odata.maxpagesize=N`` on directory delta up to 200 objects."""
+    found = re.search(r"odata\.maxpagesize=(\d+)", prefer or "")
+    return min(max(int(found.group(1)), 1), DELTA_PAGE_MAX) if found else DELTA_PAGE
 
 
 def serve_forever(

@@ -136,14 +136,14 @@ class SimulatedTenant:
             return index
         return None
 
-    def base_group(self, index: int) -> dict[str, Any]:
+    def base_group(self, index: int, group_id: str | None = None) -> dict[str, Any]:
         """Group ``index`` as generated, in Graph's full form.
 
         Derived from one digest rather than a seeded ``random.Random``: the xlarge tenant
         generates 200,000 of these per full read, and seeding a Mersenne Twister per group cost
         more than everything else the simulator does per group."""
         d = hashlib.blake2b(f"g|{self.seed}|{index}".encode(), digest_size=16).digest()
-        group_id = self._base_group_id(index)
+        group_id = group_id or self._base_group_id(index)
         kind = d[0] / 256
         department, role = _DEPARTMENTS[d[1] % len(_DEPARTMENTS)], _ROLES[d[2] % len(_ROLES)]
         nickname = f"{department.lower().replace('&', '')}-{role.lower()}-{index}"
@@ -230,7 +230,7 @@ class SimulatedTenant:
             if group_id in self._deleted_groups:
                 return group_id, None
             state = self._group_edits.get(group_id) or self._added_groups.get(group_id)
-            return group_id, state if state is not None else self.base_group(position)
+            return group_id, state if state is not None else self.base_group(position, group_id)
 
     @property
     def group_positions(self) -> int:
