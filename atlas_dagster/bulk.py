@@ -118,3 +118,19 @@ _CSV: dict[type, Any] = {
 def _csv_value(value: Any) -> str:
     convert = _CSV.get(type(value))
     return convert(value) if convert is not None else _quote(str(value))
+
+
+def update_where_in(
+    conn: Connection,
+    table: sa.Table,
+    column: sa.Column,
+    values: Iterable[Any],
+    where: Any,
+    **changes: Any,
+) -> int:
+    """UPDATE table SET changes WHERE where AND column IN (values), chunked."""
+    total = 0
+    for batch in chunks(values, 5_000):
+        result = conn.execute(table.update().where(where, column.in_(batch)).values(**changes))
+        total += result.rowcount
+    return total
