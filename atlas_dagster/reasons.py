@@ -46,6 +46,12 @@ BLOCKING_FOR_VERIFICATION = frozenset(
     }
 )
 
+# Reasons no single policy type can escape (sign-in, consent, a broken connection): a sync or
+# backup stops at the first one instead of failing every type in turn.
+FATAL_FOR_ALL_TYPES = frozenset(
+    {PROVIDER_AUTH_FAILED, PROVIDER_CONSENT_MISSING, PROVIDER_CONNECTION_INVALID}
+)
+
 
 class AtlasError(Exception):
     """An error with a ledger reason code. ``str(err)`` is one line, safe to log and store."""

@@ -24,11 +24,10 @@ from atlas_dagster.db import connection_ids
 from atlas_dagster.mirror import OperationHandle, operation_scope
 from atlas_dagster.readiness import record_denied
 from atlas_dagster.reasons import (
-    PROVIDER_AUTH_FAILED,
+    FATAL_FOR_ALL_TYPES,
     PROVIDER_BAD_RESPONSE,
     PROVIDER_CONNECTION_INVALID,
     PROVIDER_CONNECTION_MISSING,
-    PROVIDER_CONSENT_MISSING,
     AtlasError,
     GraphError,
     failure,
@@ -43,12 +42,9 @@ from atlas_dagster.resources.ledger import (
     OperationLedger,
     OperationRun,
 )
+from atlas_dagster.schedules import dagster_name
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS
 
-# Errors that no other policy type can escape: the whole backup stops.
-FATAL_REASONS = frozenset(
-    {PROVIDER_AUTH_FAILED, PROVIDER_CONSENT_MISSING, PROVIDER_CONNECTION_INVALID}
-)
 SCHEDULED = "backup_schedule.scheduled"
 
 
@@ -189,7 +185,7 @@ def run_backup(
                 )
             except GraphError as exc:
                 record_denied(engine, conn_id, exc, handle.id if handle else None)
-                if exc.reason_code in FATAL_REASONS:
+                if exc.reason_code in FATAL_FOR_ALL_TYPES:
                     raise
                 result.error = exc
                 failures.append(failure(exc.reason_code, exc.message, key))
@@ -363,9 +359,8 @@ backup_job = dg.define_asset_job(
 
 
 def schedule_name(key: str) -> str:
-    """``backup_schedule__<key>``; Dagster names allow no '-', and keys (slugs) no '_', so
-    mapping one to the other keeps names unique."""
-    return f"backup_schedule__{key.replace('-', '_')}"
+    """``backup_schedule__<key>`` (DESIGN §7), in the characters Dagster allows."""
+    return dagster_name("backup_schedule", key)
 
 
 def backup_schedules(config: AtlasConfig) -> list[dg.ScheduleDefinition]:

@@ -26,10 +26,8 @@ from atlas_dagster.connections import provider_connection_partitions
 from atlas_dagster.mirror import OperationHandle, operation_scope
 from atlas_dagster.readiness import record_denied
 from atlas_dagster.reasons import (
-    PROVIDER_AUTH_FAILED,
+    FATAL_FOR_ALL_TYPES,
     PROVIDER_BAD_RESPONSE,
-    PROVIDER_CONNECTION_INVALID,
-    PROVIDER_CONSENT_MISSING,
     AtlasError,
     GraphError,
 )
@@ -47,10 +45,6 @@ from graph_contracts import (
     object_name,
 )
 
-# Errors that no other contract can escape: the whole sync stops.
-FATAL_REASONS = frozenset(
-    {PROVIDER_AUTH_FAILED, PROVIDER_CONSENT_MISSING, PROVIDER_CONNECTION_INVALID}
-)
 # The guard ignores types too small for a share to mean anything.
 MASS_DELETION_MIN_ITEMS = 3
 CHUNK = 500
@@ -286,7 +280,7 @@ def run_inventory_sync(
             )
         if result.error is not None:
             record_denied(engine, conn_id, result.error, handle.id if handle else None)
-            if result.error.reason_code in FATAL_REASONS:
+            if result.error.reason_code in FATAL_FOR_ALL_TYPES:
                 raise result.error
             if handle is not None:
                 handle.fail(result.error.reason_code, str(result.error), key)
