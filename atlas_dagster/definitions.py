@@ -8,8 +8,12 @@ import dagster as dg
 
 from atlas_dagster import connections, mirror
 from atlas_dagster.assets.backups import backup_job, backup_schedules, backups
-from atlas_dagster.assets.directory_groups import directory_groups, directory_groups_sync_job
-from atlas_dagster.assets.inventory import inventory, inventory_sync_job
+from atlas_dagster.assets.directory_groups import (
+    directory_groups,
+    directory_groups_fresh,
+    directory_groups_sync_job,
+)
+from atlas_dagster.assets.inventory import inventory, inventory_fresh, inventory_sync_job
 from atlas_dagster.assets.verification import (
     provider_connection_checks,
     provider_connection_verify_job,
@@ -33,6 +37,7 @@ def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
     database = DatabaseResource()
     return dg.Definitions(
         assets=[inventory, directory_groups, provider_connection_checks, backups],
+        asset_checks=[inventory_fresh, directory_groups_fresh],
         jobs=JOBS,
         schedules=[
             *refresh_schedules(config, {j.name: j for j in JOBS}),

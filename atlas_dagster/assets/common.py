@@ -1,15 +1,19 @@
 """Helpers the tenant assets share: the run's connection, metadata rendering, Graph dates."""
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
 
 from atlas_dagster.config import ProviderConnection
 from atlas_dagster.db import connection_ids
 from atlas_dagster.reasons import PROVIDER_CONNECTION_MISSING, AtlasError
 from atlas_dagster.resources.database import DatabaseResource
+
+# A daily refresh that ran a little late is still fresh.
+FRESHNESS_WINDOW = timedelta(hours=26)
 
 
 def connection_for_run(database: DatabaseResource, key: str) -> tuple[ProviderConnection, int]:
@@ -60,3 +64,40 @@ def markdown_table(
     if len(rows) > limit:
         lines.append(f"\n… and {len(rows) - limit} more")
     return "\n".join(lines)
+
+
+def freshness_result(
+    database: DatabaseResource, stamp: sa.ColumnElement, window: timedelta = FRESHNESS_WINDOW
+) -> dg.AssetCheckResult:
+    """Whether every configured connection's cache was refreshed within ``window``, judged by
+    ``stamp`` (a timestamp column that carries ``provider_connection_id``; read from the
+    database only)."""
+    engine = database.engine()
+    ids = connection_ids(engine)
+    keys = [c.key for c in database.config().provider_connections]
+    table = stamp.table
+    with engine.connect() as conn:
+        latest = dict(
+            conn.execute(
+                sa.select(table.c.provider_connection_id, sa.func.max(stamp)).group_by(
+                    table.c.provider_connection_id
+                )
+            ).all()
+        )
+    now = datetime.now(UTC)
+    ages: dict[str, float | None] = {}
+    for key in keys:
+        when = latest.get(ids.get(key))
+        if when is not None and when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        ages[key] = None if when is None else round((now - when).total_seconds() / 3600, 2)
+    stale = [k for k, age in ages.items() if age is None or age > window.total_seconds() / 3600]
+    return dg.AssetCheckResult(
+        passed=not stale,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "hours_since_refresh": dg.MetadataValue.json(ages),
+            "stale_connections": dg.MetadataValue.json(stale),
+        },
+        description=f"stale: {', '.join(stale)}" if stale else None,
+    )

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from atlas_dagster import bulk, schema
 from atlas_dagster.assets.common import (
     connection_for_run,
+    freshness_result,
     graph_metadata,
     markdown_table,
     parse_graph_datetime,
@@ -330,9 +331,17 @@ def directory_groups(
         )
 
 
+@dg.asset_check(
+    asset=directory_groups,
+    name="fresh",
+    description="Every configured connection's groups were refreshed in the last 26 hours.",
+)
+def directory_groups_fresh(database: DatabaseResource) -> dg.AssetCheckResult:
+    return freshness_result(database, schema.directory_delta_links.c.updated_at)
+
+
 directory_groups_sync_job = dg.define_asset_job(
     "directory_groups_sync_job",
     selection=dg.AssetSelection.assets(directory_groups),
-    partitions_def=provider_connection_partitions,
     description="Run type directory_groups.sync: apply the groups delta of one provider connection.",
 )

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from atlas_dagster import bulk, schema
 from atlas_dagster.assets.common import (
     connection_for_run,
+    freshness_result,
     graph_metadata,
     markdown_table,
     parse_graph_datetime,
@@ -410,9 +411,17 @@ def _active_count(engine: Engine, conn_id: int) -> int:
         ).scalar_one()
 
 
+@dg.asset_check(
+    asset=inventory,
+    name="fresh",
+    description="Every configured connection's inventory was refreshed in the last 26 hours.",
+)
+def inventory_fresh(database: DatabaseResource) -> dg.AssetCheckResult:
+    return freshness_result(database, schema.inventory_items.c.last_seen_at)
+
+
 inventory_sync_job = dg.define_asset_job(
     "inventory_sync_job",
     selection=dg.AssetSelection.assets(inventory),
-    partitions_def=provider_connection_partitions,
     description="Run type inventory.sync: refresh the inventory of one provider connection.",
 )

@@ -183,6 +183,5 @@ def provider_connection_checks(
 provider_connection_verify_job = dg.define_asset_job(
     "provider_connection_verify_job",
     selection=dg.AssetSelection.assets(provider_connection_checks),
-    partitions_def=provider_connection_partitions,
     description="Run type provider_connection.verify: sign in, compare permissions, probe.",
 )

@@ -1,0 +1,81 @@
+"""Freshness checks read the cache only; partitions follow the config."""
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import sqlalchemy as sa
+
+from atlas_dagster import schema
+from atlas_dagster.assets.directory_groups import run_groups_sync
+from atlas_dagster.assets.inventory import inventory_fresh
+from atlas_dagster.connections import (
+    provider_connection_partitions,
+    provider_connection_partitions_sensor,
+)
+from atlas_dagster.db import connection_ids
+from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.resources.graph import client_for
+from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
+from tests.conftest import write_config
+
+
+def test_inventory_freshness_fails_until_synced_and_after_26_hours(tmp_path, sqlite_url):
+    from atlas_dagster.assets.inventory import run_inventory_sync
+
+    cfg = write_config(tmp_path / "atlas.yaml", sqlite_url)
+    database = DatabaseResource(config_path=str(cfg))
+    engine = database.engine()
+    never = inventory_fresh(dg.build_asset_check_context(), database=database)
+    assert not never.passed
+    assert never.metadata["stale_connections"].value == ["contoso"]
+
+    install_simulator("contoso", GraphSimulator(SimulatedTenant.generate("small", 3)))
+    client = client_for(database.config().connection("contoso"))
+    run_inventory_sync(engine, client, connection_ids(engine)["contoso"], None)
+    assert inventory_fresh(dg.build_asset_check_context(), database=database).passed
+
+    t = schema.inventory_items
+    with engine.begin() as conn:
+        conn.execute(t.update().values(last_seen_at=datetime.now(UTC) - timedelta(hours=27)))
+    stale = inventory_fresh(dg.build_asset_check_context(), database=database)
+    assert not stale.passed and stale.metadata["hours_since_refresh"].value["contoso"] > 26
+
+
+def test_groups_sync_makes_groups_fresh(tmp_path, sqlite_url):
+    from atlas_dagster.assets.directory_groups import directory_groups_fresh
+
+    cfg = write_config(tmp_path / "atlas.yaml", sqlite_url)
+    database = DatabaseResource(config_path=str(cfg))
+    assert not directory_groups_fresh(dg.build_asset_check_context(), database=database).passed
+    install_simulator("contoso", GraphSimulator(SimulatedTenant.generate("small", 3)))
+    engine = database.engine()
+    run_groups_sync(
+        engine,
+        client_for(database.config().connection("contoso")),
+        connection_ids(engine)["contoso"],
+    )
+    assert directory_groups_fresh(dg.build_asset_check_context(), database=database).passed
+
+
+def test_partitions_follow_the_config_and_removed_data_stays(tmp_path, sqlite_url):
+    cfg = write_config(tmp_path / "atlas.yaml", sqlite_url)
+    extra = "  - key: fabrikam\n    simulated: {profile: small, seed: 9}\n"
+    text = cfg.read_text().replace("backup_schedules:", extra + "backup_schedules:")
+    cfg.write_text(text)
+    database = DatabaseResource(config_path=str(cfg))
+    name = provider_connection_partitions.name
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"database": database})
+        provider_connection_partitions_sensor(context)
+        assert sorted(instance.get_dynamic_partitions(name)) == ["contoso", "fabrikam"]
+        database.engine()  # a run or a start writes the connection rows
+        # fabrikam leaves the config: its partition goes, its database row stays.
+        cfg.write_text(text.replace(extra, ""))
+        context = dg.build_sensor_context(
+            instance=instance, resources={"database": DatabaseResource(config_path=str(cfg))}
+        )
+        provider_connection_partitions_sensor(context)
+        assert instance.get_dynamic_partitions(name) == ["contoso"]
+    with database.engine().connect() as conn:
+        keys = {r.key for r in conn.execute(sa.select(schema.provider_connections.c.key))}
+    assert keys == {"contoso", "fabrikam"}
