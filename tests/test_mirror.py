@@ -206,3 +206,20 @@ def test_started_run_whose_worker_died_is_failed_as_crashed(env):
     assert (done.status, done.outcome) == ("completed", "failed")
     assert done.failure_summary[0]["reason_code"] == "run_crashed"
     assert str(worker.pid) in done.failure_summary[0]["message"]
+
+
+def test_failures_recorded_before_a_crash_do_not_hide_the_crash(env):
+    from atlas_dagster.reasons import failure
+
+    row = _start(env)
+    run = _created_run(env, row.id)
+    env["ledger"].record_progress(
+        row.id, failures=[failure("provider_unavailable", "timed out", "device_categories")]
+    )
+    env["instance"].report_run_failed(run, "Run worker process terminated by signal 9")
+    reconcile(env["ledger"], env["instance"], None)
+    done = env["ledger"].get(row.id)
+    assert [f["reason_code"] for f in done.failure_summary] == [
+        "provider_unavailable",
+        "run_crashed",
+    ]
