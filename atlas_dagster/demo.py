@@ -90,10 +90,12 @@ def _summary(engine: sa.Engine, out) -> None:
         print(f"  #{row.id:<4} {row.type:<28} {row.status}/{row.outcome:<20} {counts}", file=out)
     print(
         "\nWhere to look next:\n"
-        "  atlas-dagster runs                       the ledger\n"
-        "  DAGSTER_HOME=$PWD/.atlas/dagster dagster dev -w workspace.yaml\n"
-        "                                           assets, runs and metadata in the Dagster UI\n"
-        "  sqlite3 .atlas/atlas.db 'SELECT * FROM v_assignments_readable LIMIT 20'\n"
-        "  python -c 'import atlas_dagster.analytics as a; print(a.inventory())'",
+        "  .venv/bin/atlas-dagster runs             the ledger (add --json for machines)\n"
+        "  .venv/bin/atlas-dagster backups list     backup sets; backups diff A B; backups export\n"
+        "  DAGSTER_HOME=$PWD/.atlas/dagster .venv/bin/dagster dev -w workspace.yaml\n"
+        "                                           these runs, assets, checks and metadata in the UI\n"
+        "  .venv/bin/python -c 'from atlas_dagster import analytics; "
+        "print(analytics.assignments())'\n"
+        "                                           the cached tables as pandas DataFrames",
         file=out,
     )
