@@ -284,3 +284,19 @@ def test_inventory_job_records_counts_and_partial_outcome(setup, tmp_path):
     assert (row.status, row.outcome) == ("completed", "partially_succeeded")
     assert {f["reason_code"] for f in row.failure_summary} == {"provider_permission_denied"}
     assert row.summary_counts["items"] == len(cached_items(setup["engine"], setup["conn_id"]))
+
+
+def test_a_delta_link_older_than_seven_days_is_not_tried(setup):
+    from datetime import UTC, datetime, timedelta
+
+    engine, client, conn_id, sim = setup["engine"], setup["client"], setup["conn_id"], setup["sim"]
+    run_groups_sync(engine, client, conn_id)
+    gone = next(iter(tenant_groups(sim.tenant)))
+    sim.tenant.delete_group(gone, permanent=True)
+    t = schema.directory_delta_links
+    with engine.begin() as conn:
+        conn.execute(t.update().values(updated_at=datetime.now(UTC) - timedelta(days=8)))
+    result = run_groups_sync(engine, client, conn_id)
+    assert result.mode == "resync"
+    assert gone not in cached_groups(engine, conn_id)
+    assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)

@@ -9,7 +9,7 @@ a sync completes, so a failed sync is simply repeated.
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -33,6 +33,8 @@ from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
 
 CONTRACT_KEY = "groups_delta"
+# Directory delta tokens are honoured for 7 days; an older one is not even tried.
+DELTA_LINK_LIFETIME = timedelta(days=7)
 FLUSH_ROWS = 10_000
 
 # Graph property → column. Only properties present in an object are written: a delta page may
@@ -184,14 +186,15 @@ def active_groups(engine: Engine, conn_id: int) -> int:
         ).scalar_one()
 
 
-def stored_delta_link(engine: Engine, conn_id: int) -> str | None:
+def stored_delta_link(engine: Engine, conn_id: int) -> tuple[str, datetime] | None:
     t = schema.directory_delta_links
     with engine.connect() as conn:
-        return conn.execute(
-            sa.select(t.c.delta_link).where(
+        row = conn.execute(
+            sa.select(t.c.delta_link, t.c.updated_at).where(
                 t.c.provider_connection_id == conn_id, t.c.contract_key == CONTRACT_KEY
             )
-        ).scalar()
+        ).first()
+    return None if row is None else (row.delta_link, row.updated_at)
 
 
 def _store_delta_link(engine: Engine, conn_id: int, link: str) -> None:
@@ -243,12 +246,21 @@ def _read(engine: Engine, client: Any, conn_id: int, link: str | None, mode: str
 def run_groups_sync(engine: Engine, client: Any, conn_id: int, log: Any = None) -> GroupsResult:
     started = time.monotonic()
     before = client.stats.as_dict()
-    link = stored_delta_link(engine, conn_id)
+    stored = stored_delta_link(engine, conn_id)
     try:
-        result = _read(engine, client, conn_id, link, "incremental" if link else "full")
-    except DeltaExpired:
+        if stored is None:
+            result = _read(engine, client, conn_id, None, "full")
+        elif stored[1] < schema.utcnow() - DELTA_LINK_LIFETIME:
+            raise DeltaExpired(
+                "provider_not_found",
+                f"the stored delta link is older than {DELTA_LINK_LIFETIME.days} days",
+                contract_key=CONTRACT_KEY,
+            )
+        else:
+            result = _read(engine, client, conn_id, stored[0], "incremental")
+    except DeltaExpired as exc:
         if log is not None:
-            log.info("the stored delta link expired: full resync")
+            log.info(f"{exc}: full resync")
         result = _read(engine, client, conn_id, None, "resync")
     after = client.stats.as_dict()
     result.graph = {k: after[k] - before.get(k, 0) for k in after}
