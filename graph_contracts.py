@@ -761,10 +761,21 @@ _PLATFORMS = {
     "ios": "ios",
     "ipados": "ios",
     "macos": "macos",
+    # enrollmentRestrictionPlatformType spells macOS "mac".
+    "mac": "macos",
     "android": "android",
     "androidforwork": "android",
     "androidworkprofile": "android",
     "androidaosp": "android",
+    # Other documented spellings: settings catalog (windows10X, androidEnterprise, aosp) and
+    # assignment filters (windows81AndLater, the MAM platforms).
+    "windows10x": "windows",
+    "windows81andlater": "windows",
+    "windowsmobileapplicationmanagement": "windows",
+    "iosmobileapplicationmanagement": "ios",
+    "androidenterprise": "android",
+    "aosp": "android",
+    "androidmobileapplicationmanagement": "android",
     "linux": "linux",
     "allplatforms": "all",
 }
@@ -842,7 +853,9 @@ def stable_payload(contract: Contract, obj: Any, *, top: bool = True) -> Any:
         volatile = set(COMMON_VOLATILE) | set(contract.volatile_fields) if top else set()
         out = {}
         for key, value in obj.items():
-            if key in volatile or (key.startswith("@odata.") and key != "@odata.type"):
+            # Property annotations (``assignments@odata.context`` on an $expand) are bookkeeping
+            # too, and carry the Graph host.
+            if key in volatile or ("@odata." in key and not key.endswith("@odata.type")):
                 continue
             value = stable_payload(contract, value, top=False)
             if key in UNORDERED_ARRAYS and isinstance(value, list):
