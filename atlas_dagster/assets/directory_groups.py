@@ -135,11 +135,6 @@ class GroupsWriter:
         t = schema.directory_groups
         scope = t.c.provider_connection_id == self.conn_id
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # Safe to skip the fsync wait here: the delta link is committed durably after
-                # the last batch, which flushes the WAL of every batch before it; a crash
-                # before that repeats the sync from the old link.
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             if pending:
                 bulk.upsert(
                     conn,
