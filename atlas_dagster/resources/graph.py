@@ -626,16 +626,19 @@ class GraphClient:
         url: str | None = self._url(contract, contract.relative_url(item_id, top=top))
         while url is not None:
             data = self._request(contract, url)
-            value = data.get("value")
-            if not isinstance(value, list):
-                raise GraphError(
-                    reasons.PROVIDER_BAD_RESPONSE,
-                    f"{contract_key}: a collection page without a 'value' list",
-                    contract_key=contract_key,
-                )
-            self.stats.pages += 1
-            yield value
+            yield self._page_value(contract, data)
             url = data.get("@odata.nextLink")
+
+    def _page_value(self, contract: Contract, data: dict[str, Any]) -> list[dict[str, Any]]:
+        value = data.get("value")
+        if not isinstance(value, list):
+            raise GraphError(
+                reasons.PROVIDER_BAD_RESPONSE,
+                f"{contract.key}: a {contract.paging.replace('_', '')} page without a 'value' list",
+                contract_key=contract.key,
+            )
+        self.stats.pages += 1
+        return value
 
     def get(self, contract_key: str, *, item_id: str | None = None) -> dict[str, Any]:
         contract = self._contract(contract_key)
@@ -664,14 +667,7 @@ class GraphClient:
         url: str | None = delta_link or self._url(contract, contract.relative_url())
         while url is not None:
             data = self._request(contract, url)
-            value = data.get("value")
-            if not isinstance(value, list):
-                raise GraphError(
-                    reasons.PROVIDER_BAD_RESPONSE,
-                    f"{contract_key}: a delta page without a 'value' list",
-                    contract_key=contract_key,
-                )
-            self.stats.pages += 1
+            value = self._page_value(contract, data)
             items = [o for o in value if "@removed" not in o]
             removed = [o for o in value if "@removed" in o]
             url = data.get("@odata.nextLink")
