@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
@@ -22,18 +23,23 @@ def _engine(database_url: str | None) -> sa.Engine:
     return engine_for(database_url or load_config().database_url)
 
 
-def _view(name: str) -> sa.TableClause:
-    columns = {
-        "v_operation_runs": ("provider_connection", "type", "status", "created_at"),
-        "v_inventory_current": (
-            "provider_connection",
-            "policy_type",
-            "contract_key",
-            "last_seen_at",
-        ),
-        "v_assignments_readable": ("provider_connection", "group_name", "group_id", "policy_type"),
-    }[name]
-    return sa.table(name, *(sa.column(c) for c in columns))
+def _query(
+    view: str,
+    equals: dict[str, Any],
+    *,
+    at_least: tuple[str, datetime | None] | None = None,
+    below: tuple[str, datetime | None] | None = None,
+) -> sa.Select:
+    """SELECT * FROM view WHERE column = value (for each value given) and the time bounds."""
+    q = sa.select(sa.text("*")).select_from(sa.table(view))
+    for column, value in equals.items():
+        if value is not None:
+            q = q.where(sa.column(column) == value)
+    if at_least and at_least[1] is not None:
+        q = q.where(sa.column(at_least[0]) >= at_least[1])
+    if below and below[1] is not None:
+        q = q.where(sa.column(below[0]) < below[1])
+    return q
 
 
 def _read(query: sa.Select, database_url: str | None) -> pd.DataFrame:
@@ -50,19 +56,13 @@ def operation_runs(
     database_url: str | None = None,
 ) -> pd.DataFrame:
     """``v_operation_runs``, newest first, with the Dagster run URL."""
-    v = _view("v_operation_runs")
-    q = sa.select(sa.text("*")).select_from(v)
-    if connection:
-        q = q.where(v.c.provider_connection == connection)
-    if type:
-        q = q.where(v.c.type == type)
-    if status:
-        q = q.where(v.c.status == status)
-    if since:
-        q = q.where(v.c.created_at >= since)
-    if until:
-        q = q.where(v.c.created_at < until)
-    return _read(q.order_by(v.c.created_at.desc()), database_url)
+    q = _query(
+        "v_operation_runs",
+        {"provider_connection": connection, "type": type, "status": status},
+        at_least=("created_at", since),
+        below=("created_at", until),
+    )
+    return _read(q.order_by(sa.column("created_at").desc()), database_url)
 
 
 def inventory(
@@ -73,16 +73,15 @@ def inventory(
     database_url: str | None = None,
 ) -> pd.DataFrame:
     """``v_inventory_current``: the policies that exist now."""
-    v = _view("v_inventory_current")
-    q = sa.select(sa.text("*")).select_from(v)
-    if connection:
-        q = q.where(v.c.provider_connection == connection)
-    if policy_type:
-        q = q.where(v.c.policy_type == policy_type)
-    if contract_key:
-        q = q.where(v.c.contract_key == contract_key)
-    if seen_since:
-        q = q.where(v.c.last_seen_at >= seen_since)
+    q = _query(
+        "v_inventory_current",
+        {
+            "provider_connection": connection,
+            "policy_type": policy_type,
+            "contract_key": contract_key,
+        },
+        at_least=("last_seen_at", seen_since),
+    )
     return _read(q, database_url)
 
 
@@ -93,12 +92,9 @@ def assignments(
     database_url: str | None = None,
 ) -> pd.DataFrame:
     """``v_assignments_readable``: which policies target which group (by name or id)."""
-    v = _view("v_assignments_readable")
-    q = sa.select(sa.text("*")).select_from(v)
-    if connection:
-        q = q.where(v.c.provider_connection == connection)
+    q = _query(
+        "v_assignments_readable", {"provider_connection": connection, "policy_type": policy_type}
+    )
     if group:
-        q = q.where(sa.or_(v.c.group_name == group, v.c.group_id == group))
-    if policy_type:
-        q = q.where(v.c.policy_type == policy_type)
+        q = q.where(sa.or_(sa.column("group_name") == group, sa.column("group_id") == group))
     return _read(q, database_url)
