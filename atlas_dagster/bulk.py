@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from itertools import islice
 from typing import Any
 
@@ -73,11 +73,6 @@ def _copy_upsert(conn, table, columns, batch, key, targets) -> None:
         if targets
         else "DO NOTHING"
     )
-    buffer = io.StringIO()
-    for row in batch:
-        buffer.write(",".join(_csv_value(row[c]) for c in columns))
-        buffer.write("\n")
-    buffer.seek(0)
     cursor = conn.connection.dbapi_connection.cursor()
     try:
         cursor.execute(
@@ -85,7 +80,10 @@ def _copy_upsert(conn, table, columns, batch, key, targets) -> None:
             f'SELECT * FROM "{table.name}" WITH NO DATA'
         )
         cursor.execute(f'TRUNCATE "{scratch}"')
-        cursor.copy_expert(f'COPY "{scratch}" ({cols}) FROM STDIN WITH (FORMAT csv)', buffer)
+        cursor.copy_expert(
+            f"COPY \"{scratch}\" ({cols}) FROM STDIN WITH (FORMAT csv, NULL '{_NULL}')",
+            _csv(table, columns, batch),
+        )
         cursor.execute(
             f'INSERT INTO "{table.name}" ({cols}) SELECT {cols} FROM "{scratch}" '
             f"ON CONFLICT ({', '.join(key)}) {action}"
@@ -94,30 +92,38 @@ def _copy_upsert(conn, table, columns, batch, key, targets) -> None:
         cursor.close()
 
 
-def _quote(text: str) -> str:
+# NULL in the COPY stream. The csv module leaves it unquoted, which is what makes it NULL; a real
+# value spelled exactly like it would be read as NULL too, so such rows are quoted by hand.
+_NULL = "\\N"
+
+
+def _csv(table: sa.Table, columns: Sequence[str], batch: Sequence[dict[str, Any]]) -> io.StringIO:
+    """The rows as PostgreSQL CSV, written by the C csv writer (this runs for every cached row)."""
+    as_json = {c for c in columns if isinstance(table.c[c].type, sa.JSON)}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for row in batch:
+        cells = [
+            _NULL
+            if (value := row[c]) is None
+            else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            if c in as_json
+            else value
+            for c in columns
+        ]
+        if _NULL in cells and any(row[c] == _NULL for c in columns):
+            buffer.write(",".join(_quoted(row[c], c in as_json) for c in columns) + "\n")
+        else:
+            writer.writerow(cells)
+    buffer.seek(0)
+    return buffer
+
+
+def _quoted(value: Any, as_json: bool) -> str:
+    if value is None:
+        return _NULL
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False) if as_json else str(value)
     return '"' + text.replace('"', '""') + '"'
-
-
-def _json_text(value: Any) -> str:
-    return _quote(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
-
-
-# By exact type: this runs once per cell of every bulk write.
-_CSV: dict[type, Any] = {
-    type(None): lambda _: "",  # unquoted empty is NULL in PostgreSQL's CSV
-    str: _quote,
-    bool: lambda v: "true" if v else "false",
-    int: str,
-    float: repr,
-    dict: _json_text,
-    list: _json_text,
-    datetime: lambda v: _quote(v.isoformat()),
-}
-
-
-def _csv_value(value: Any) -> str:
-    convert = _CSV.get(type(value))
-    return convert(value) if convert is not None else _quote(str(value))
 
 
 def update_where_in(
