@@ -13,6 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
+from atlas_dagster.schema import UTCDateTime
+
 _ROWS_PER_CALL = 10_000
 
 
@@ -100,6 +102,9 @@ _NULL = "\\N"
 def _csv(table: sa.Table, columns: Sequence[str], batch: Sequence[dict[str, Any]]) -> io.StringIO:
     """The rows as PostgreSQL CSV, written by the C csv writer (this runs for every cached row)."""
     as_json = {c for c in columns if isinstance(table.c[c].type, sa.JSON)}
+    as_time = {c for c in columns if isinstance(table.c[c].type, sa.DateTime | UTCDateTime)}
+    # A batch shares its sync's timestamps: format each once.
+    stamps: dict[Any, str] = {}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     for row in batch:
@@ -108,6 +113,8 @@ def _csv(table: sa.Table, columns: Sequence[str], batch: Sequence[dict[str, Any]
             if (value := row[c]) is None
             else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
             if c in as_json
+            else (stamps.get(value) or stamps.setdefault(value, value.isoformat()))
+            if c in as_time
             else value
             for c in columns
         ]
