@@ -42,6 +42,8 @@ _drop_role_later: list[str] = []
 @pytest.fixture(autouse=True)
 def _drop_roles():
     yield
+    if not _drop_role_later:
+        return
     server = sa.create_engine(db.sqlalchemy_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
     with server.connect() as conn:
         while _drop_role_later:
