@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.dagster_run import RunRecord
 from sqlalchemy.exc import IntegrityError
@@ -142,8 +143,6 @@ def _adopt(
 def _connection_id(ledger: OperationLedger, key: str | None) -> int | None:
     if not key:
         return None
-    import sqlalchemy as sa
-
     pc = schema.provider_connections
     with ledger.engine.connect() as conn:
         return conn.execute(sa.select(pc.c.id).where(pc.c.key == key)).scalar()

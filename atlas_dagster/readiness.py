@@ -17,7 +17,6 @@ from atlas_dagster.reasons import PROVIDER_PERMISSION_DENIED, GraphError
 READY = "ready"
 MISSING_PERMISSION = "missing_permission"
 PROBE_FAILED = "probe_failed"
-CHECK_STATUSES = (READY, MISSING_PERMISSION, PROBE_FAILED)
 
 
 def record_checks(

@@ -51,7 +51,6 @@ RUN_TYPES: dict[str, RunType] = {
     )
 }
 
-STATUSES = ("queued", "running", "completed")
 OUTCOMES = ("pending", "succeeded", "partially_succeeded", "failed", "cancelled")
 TRIGGER_SOURCES = ("cli", "dagster_ui", "schedule", "sensor", "backfill", "api", "demo")
 
