@@ -629,12 +629,14 @@ class GraphClient:
             yield self._page_value(contract, data)
             url = data.get("@odata.nextLink")
 
-    def _page_value(self, contract: Contract, data: dict[str, Any]) -> list[dict[str, Any]]:
+    def _page_value(
+        self, contract: Contract, data: dict[str, Any], where: str = ""
+    ) -> list[dict[str, Any]]:
         value = data.get("value")
         if not isinstance(value, list):
             raise GraphError(
                 reasons.PROVIDER_BAD_RESPONSE,
-                f"{contract.key}: a {contract.paging.replace('_', '')} page without a 'value' list",
+                f"{contract.key}: {where}a page without a 'value' list",
                 contract_key=contract.key,
             )
         self.stats.pages += 1
@@ -795,15 +797,7 @@ class GraphClient:
             )
         if not collection:
             return body
-        value = body.get("value")
-        if not isinstance(value, list):
-            raise GraphError(
-                reasons.PROVIDER_BAD_RESPONSE,
-                f"{contract.key}: item {pending.item_id}: a collection page without 'value'",
-                contract_key=contract.key,
-            )
-        self.stats.pages += 1
-        pending.collected.extend(value)
+        pending.collected.extend(self._page_value(contract, body, f"item {pending.item_id}: "))
         next_link = body.get("@odata.nextLink")
         if next_link is None:
             return pending.collected
