@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,25 +32,36 @@ def upsert(
     key: Sequence[str],
     *,
     update: Sequence[str] | None = None,
+    constants: Mapping[str, Any] | None = None,
 ) -> None:
     """INSERT … ON CONFLICT (key) DO UPDATE, in bulk (PostgreSQL: COPY; SQLite: executemany).
 
     Rows are grouped by the set of columns they carry, so a partial row (a delta page that names
-    only changed properties) updates only the columns it has.
+    only changed properties) updates only the columns it has. ``constants`` are columns with one
+    value for every row (the connection, the sync's timestamps): PostgreSQL gets them once per
+    statement instead of once per row.
     """
+    constants = dict(constants or {})
+    varying_key = [k for k in key if k not in constants]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(tuple(sorted(row)), []).append(row)
-    for columns, group in groups.items():
+        groups.setdefault(tuple(row), []).append(row)
+    for varying, group in groups.items():
+        if constants.keys() & set(varying):
+            raise ValueError(
+                f"rows carry constant columns: {sorted(constants.keys() & set(varying))}"
+            )
+        columns = (*varying, *constants)
         targets = [c for c in (update if update is not None else columns) if c in columns]
         targets = [c for c in targets if c not in key]
         # ON CONFLICT may not touch one row twice in a statement: the last sight of a key wins.
-        unique = list({tuple(row[k] for k in key): row for row in group}.values())
+        identity = itemgetter(*varying_key) if varying_key else (lambda row: ())
+        unique = list({identity(row): row for row in group}.values())
         for batch in chunks(unique, _ROWS_PER_CALL):
             if conn.dialect.name == "postgresql":
-                _copy_upsert(conn, table, columns, batch, key, targets)
+                _copy_upsert(conn, table, varying, constants, batch, key, targets)
             else:
-                _sqlite_upsert(conn, table, batch, key, targets)
+                _sqlite_upsert(conn, table, [{**row, **constants} for row in batch], key, targets)
 
 
 def _sqlite_upsert(conn, table, batch, key, targets) -> None:
@@ -64,12 +76,14 @@ def _sqlite_upsert(conn, table, batch, key, targets) -> None:
     conn.execute(stmt, batch)
 
 
-def _copy_upsert(conn, table, columns, batch, key, targets) -> None:
+def _copy_upsert(conn, table, varying, constants, batch, key, targets) -> None:
     """COPY the rows into a scratch table, then one INSERT … SELECT … ON CONFLICT.
 
     psycopg2's executemany is a round trip per row; COPY streams them in one."""
-    cols = ", ".join(f'"{c}"' for c in columns)
     scratch = f"_atlas_bulk_{table.name}"
+    selected = [f'"{c}"' for c in varying] + [
+        f"CAST(%({c})s AS {table.c[c].type.compile(conn.dialect)})" for c in constants
+    ]
     action = (
         "DO UPDATE SET " + ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in targets)
         if targets
@@ -83,54 +97,64 @@ def _copy_upsert(conn, table, columns, batch, key, targets) -> None:
         )
         cursor.execute(f'TRUNCATE "{scratch}"')
         cursor.copy_expert(
-            f"COPY \"{scratch}\" ({cols}) FROM STDIN WITH (FORMAT csv, NULL '{_NULL}')",
-            _csv(table, columns, batch),
+            f'COPY "{scratch}" ({", ".join(selected[: len(varying)])}) FROM STDIN '
+            f"WITH (FORMAT csv, NULL '{_NULL}')",
+            _csv(table, varying, batch),
         )
+        names = ", ".join(f'"{c}"' for c in (*varying, *constants))
         cursor.execute(
-            f'INSERT INTO "{table.name}" ({cols}) SELECT {cols} FROM "{scratch}" '
-            f"ON CONFLICT ({', '.join(key)}) {action}"
+            f'INSERT INTO "{table.name}" ({names}) SELECT {", ".join(selected)} FROM "{scratch}" '
+            f"ON CONFLICT ({', '.join(key)}) {action}",
+            {c: _cell(table.c[c], v) for c, v in constants.items()},
         )
     finally:
         cursor.close()
 
 
-# NULL in the COPY stream. The csv module leaves it unquoted, which is what makes it NULL; a real
-# value spelled exactly like it would be read as NULL too, so such rows are quoted by hand.
-_NULL = "\\N"
+class _Null(float):
+    """NULL in the COPY stream. The writer quotes every string (QUOTE_NONNUMERIC) and leaves
+    numbers bare; this "number" prints as the NULL marker, so it is the only bare marker in the
+    stream, and a real string spelled like the marker arrives quoted, as a string."""
+
+    def __str__(self) -> str:
+        return "\\N"
+
+    __repr__ = __str__  # some csv versions print floats by repr
+
+
+_NULL = str(_Null())
+_NULL_CELL = _Null()
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _csv(table: sa.Table, columns: Sequence[str], batch: Sequence[dict[str, Any]]) -> io.StringIO:
-    """The rows as PostgreSQL CSV, written by the C csv writer (this runs for every cached row)."""
-    as_json = {c for c in columns if isinstance(table.c[c].type, sa.JSON)}
-    as_time = {c for c in columns if isinstance(table.c[c].type, sa.DateTime | UTCDateTime)}
-    # A batch shares its sync's timestamps: format each once.
-    stamps: dict[Any, str] = {}
+    """The rows as PostgreSQL CSV. This runs for every cached row, so it works a column at a
+    time (list comprehensions, no call per cell) and leaves the rows to the C csv writer."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    for row in batch:
-        cells = [
-            _NULL
-            if (value := row[c]) is None
-            else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-            if c in as_json
-            else (stamps.get(value) or stamps.setdefault(value, value.isoformat()))
-            if c in as_time
-            else value
-            for c in columns
-        ]
-        if _NULL in cells and any(row[c] == _NULL for c in columns):
-            buffer.write(",".join(_quoted(row[c], c in as_json) for c in columns) + "\n")
-        else:
-            writer.writerow(cells)
+    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+    writer.writerows(
+        zip(*(_cells(table.c[c], [row[c] for row in batch]) for c in columns), strict=True)
+    )
     buffer.seek(0)
     return buffer
 
 
-def _quoted(value: Any, as_json: bool) -> str:
-    if value is None:
-        return _NULL
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False) if as_json else str(value)
-    return '"' + text.replace('"', '""') + '"'
+def _cells(column: sa.Column, values: list[Any]) -> list[Any]:
+    if isinstance(column.type, sa.JSON):
+        return [_NULL_CELL if v is None else _json(v) for v in values]
+    if isinstance(column.type, sa.DateTime | UTCDateTime):
+        # A batch shares its sync's timestamps: format each once.
+        stamps: dict[Any, str] = {}
+        return [
+            _NULL_CELL if v is None else (stamps.get(v) or stamps.setdefault(v, v.isoformat()))
+            for v in values
+        ]
+    return [_NULL_CELL if v is None else v for v in values]
+
+
+def _cell(column: sa.Column, value: Any) -> Any:
+    """A constant as a statement parameter (JSON columns take text)."""
+    return _json(value) if value is not None and isinstance(column.type, sa.JSON) else value
 
 
 def update_where_in(

@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime
 
+import pytest
 import sqlalchemy as sa
 
 from atlas_dagster import bulk, db, schema
@@ -60,23 +61,44 @@ def test_tricky_values_round_trip_and_partial_rows_update_only_their_columns(dat
     assert got["g1"] == rows[0]
     assert got["g2"] == rows[2]
     # A partial row (a delta page naming only what changed) leaves the other columns alone.
+    # Columns shared by every row (here part of the key, a timestamp and a NULL) go as constants.
     later = now.replace(year=now.year + 1)
-    partial = {
-        "provider_connection_id": 1,
-        "group_id": "g1",
-        "display_name": "renamed",
-        "first_seen_at": later,
-        "last_seen_at": later,
-        "deleted_at": None,
-    }
     with engine.begin() as conn:
         bulk.upsert(
             conn,
             t,
-            [partial],
+            [{"group_id": "g1", "display_name": "renamed"}, {"group_id": "g3", "mail": "\\N"}],
             ("provider_connection_id", "group_id"),
             update=[c.name for c in t.c if c.name != "first_seen_at"],
+            constants={
+                "provider_connection_id": 1,
+                "first_seen_at": later,
+                "last_seen_at": later,
+                "deleted_at": None,
+            },
         )
     with engine.connect() as conn:
-        g1 = dict(conn.execute(sa.select(t).where(t.c.group_id == "g1")).one()._mapping)
-    assert g1 == {**rows[0], "display_name": "renamed", "last_seen_at": later}
+        got = {r.group_id: dict(r._mapping) for r in conn.execute(sa.select(t))}
+    assert got["g1"] == {**rows[0], "display_name": "renamed", "last_seen_at": later}
+    assert got["g2"] == rows[2]
+    assert got["g3"] == {
+        **{c.name: None for c in t.c},
+        "provider_connection_id": 1,
+        "group_id": "g3",
+        "mail": "\\N",
+        "first_seen_at": later,
+        "last_seen_at": later,
+    }
+
+
+def test_rows_that_repeat_a_constant_column_are_refused(database_url):
+    engine = db.engine_for(database_url)
+    db.upgrade(engine)
+    with engine.begin() as conn, pytest.raises(ValueError, match="provider_connection_id"):
+        bulk.upsert(
+            conn,
+            schema.directory_groups,
+            [{"provider_connection_id": 1, "group_id": "g"}],
+            ("provider_connection_id", "group_id"),
+            constants={"provider_connection_id": 1},
+        )

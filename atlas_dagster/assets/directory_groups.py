@@ -51,19 +51,13 @@ _FIELDS = {
 }
 
 
-def group_row(conn_id: int, obj: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The directory_groups columns an object carries (pure)."""
-    row: dict[str, Any] = {
-        "provider_connection_id": conn_id,
-        "group_id": str(obj["id"]),
-        "first_seen_at": now,
-        "last_seen_at": now,
-        "deleted_at": None,
-    }
-    for prop, column in _FIELDS.items():
-        if prop in obj:
-            value = obj[prop]
-            row[column] = parse_graph_datetime(value) if column == "created_at" else value
+def group_row(obj: dict[str, Any]) -> dict[str, Any]:
+    """The directory_groups columns an object carries, beside the connection and the sync's
+    timestamps, which are the same for every row (pure)."""
+    row = {"group_id": str(obj["id"])}
+    row.update({column: obj[prop] for prop, column in _FIELDS.items() if prop in obj})
+    if "created_at" in row:
+        row["created_at"] = parse_graph_datetime(row["created_at"])
     return row
 
 
@@ -97,7 +91,7 @@ class GroupsWriter:
         for obj in items:
             if obj.get("id") is None:
                 continue
-            row = group_row(self.conn_id, obj, self.now)
+            row = group_row(obj)
             gid = row["group_id"]
             self.removed.discard(gid)
             previous = self.pending.get(gid)
@@ -142,6 +136,12 @@ class GroupsWriter:
                     list(pending.values()),
                     ("provider_connection_id", "group_id"),
                     update=[c.name for c in t.c if c.name != "first_seen_at"],
+                    constants={
+                        "provider_connection_id": self.conn_id,
+                        "first_seen_at": self.now,
+                        "last_seen_at": self.now,
+                        "deleted_at": None,
+                    },
                 )
                 self.result_upserted += len(pending)
             if removed:

@@ -4,6 +4,7 @@ stored objects into response objects. Pure functions over dicts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 # Navigation properties: stored with their objects, returned only when expanded.
@@ -38,6 +39,14 @@ class Shape:
 
     select: frozenset[str] | None = None
     expand: dict[str, Shape] = field(default_factory=dict)
+
+    @cached_property
+    def listed(self) -> frozenset[str] | None:
+        """With a $select and no $expand, exactly the properties a collection response keeps
+        (the common case, shaped in one pass); None otherwise."""
+        if self.select is None or self.expand:
+            return None
+        return (self.select | frozenset(ALWAYS)) - NAVIGATION - ITEM_ONLY
 
 
 def split_top_level(text: str, sep: str) -> list[str]:
@@ -95,6 +104,9 @@ def parse_expand(text: str | None) -> dict[str, Shape]:
 
 def shape(obj: dict[str, Any], how: Shape, *, item_read: bool = False) -> dict[str, Any]:
     """The response form of a stored object."""
+    keep = None if item_read else how.listed
+    if keep is not None:
+        return {key: value for key, value in obj.items() if key in keep}
     out: dict[str, Any] = {}
     for key, value in obj.items():
         if key in NAVIGATION:

@@ -46,6 +46,29 @@ PROFILES: dict[str, Profile] = {
 _DEPARTMENTS = ("Finance", "HR", "Sales", "IT", "Legal", "Marketing", "Ops", "R&D", "Support")
 _ROLES = ("Users", "Devices", "Pilot", "Admins", "Kiosk", "BYOD", "Contractors", "Managers")
 _MASK_BITS = 48
+_GROUP_TYPE = p.G + "group"
+
+
+@dataclass(frozen=True)
+class _GroupNames:
+    nickname: str
+    description: str
+    display: str
+    unified: str
+
+
+_GROUP_NAMES = [
+    [
+        _GroupNames(
+            f"{department.lower().replace('&', '')}-{role.lower()}",
+            f"{department} {role.lower()}",
+            f"{department}-{role}",
+            f"{department} {role} (Microsoft 365)",
+        )
+        for role in _ROLES
+    ]
+    for department in _DEPARTMENTS
+]
 
 
 def _derive_guid(*parts: object) -> str:
@@ -139,58 +162,46 @@ class SimulatedTenant:
     def base_group(self, index: int, group_id: str | None = None) -> dict[str, Any]:
         """Group ``index`` as generated, in Graph's full form.
 
-        Derived from one digest rather than a seeded ``random.Random``: the xlarge tenant
-        generates 200,000 of these per full read, and seeding a Mersenne Twister per group cost
-        more than everything else the simulator does per group."""
+        Derived from one digest rather than a seeded ``random.Random``, with the per-department
+        strings made once: the xlarge tenant generates 200,000 of these per full read, and the
+        simulator shares the benchmark machine with the sync it serves."""
         d = hashlib.blake2b(f"g|{self.seed}|{index}".encode(), digest_size=16).digest()
-        group_id = group_id or self._base_group_id(index)
-        kind = d[0] / 256
-        department, role = _DEPARTMENTS[d[1] % len(_DEPARTMENTS)], _ROLES[d[2] % len(_ROLES)]
-        nickname = f"{department.lower().replace('&', '')}-{role.lower()}-{index}"
+        names = _GROUP_NAMES[d[1] % len(_DEPARTMENTS)][d[2] % len(_ROLES)]
+        nickname = f"{names.nickname}-{index}"
         created = time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(_EPOCH_TS - 60 * (index * 7 + d[3] % 7))
         )
-        group: dict[str, Any] = {
-            "@odata.type": p.G + "group",
-            "id": group_id,
+        kind = d[0] / 256
+        unified = kind < 0.2
+        dynamic = not unified and kind < 0.4
+        mail = f"{nickname}@contoso.onmicrosoft.com" if unified else None
+        return {
+            "@odata.type": _GROUP_TYPE,
+            "id": group_id or self._base_group_id(index),
             "deletedDateTime": None,
             "classification": None,
             "createdDateTime": created,
             "creationOptions": [],
-            "description": None if d[4] & 1 else f"{department} {role.lower()}",
-            "displayName": f"SG-{department}-{role}-{index:05d}",
-            "groupTypes": [],
+            "description": None if d[4] & 1 else names.description,
+            "displayName": names.unified
+            if unified
+            else f"{'DYN' if dynamic else 'SG'}-{names.display}-{index:05d}",
+            "groupTypes": ["Unified"] if unified else ["DynamicMembership"] if dynamic else [],
             "isAssignableToRole": None,
-            "mail": None,
-            "mailEnabled": False,
+            "mail": mail,
+            "mailEnabled": unified,
             "mailNickname": nickname,
-            "membershipRule": None,
-            "membershipRuleProcessingState": None,
+            "membershipRule": f'(device.deviceOSType -eq "{("Windows", "iOS")[d[13] & 1]}")'
+            if dynamic
+            else None,
+            "membershipRuleProcessingState": "On" if dynamic else None,
             "onPremisesSyncEnabled": None,
-            "proxyAddresses": [],
+            "proxyAddresses": [f"SMTP:{mail}"] if unified else [],
             "renewedDateTime": created,
-            "securityEnabled": True,
+            "securityEnabled": not unified,
             "securityIdentifier": f"S-1-12-1-{int.from_bytes(d[5:9]) >> 1}-{int.from_bytes(d[9:13]) >> 1}",
-            "visibility": None,
+            "visibility": "Private" if unified else None,
         }
-        if kind < 0.2:
-            group.update(
-                displayName=f"{department} {role} (Microsoft 365)",
-                groupTypes=["Unified"],
-                mail=f"{nickname}@contoso.onmicrosoft.com",
-                mailEnabled=True,
-                securityEnabled=False,
-                visibility="Private",
-                proxyAddresses=[f"SMTP:{nickname}@contoso.onmicrosoft.com"],
-            )
-        elif kind < 0.4:
-            group.update(
-                displayName=f"DYN-{department}-{role}-{index:05d}",
-                groupTypes=["DynamicMembership"],
-                membershipRule=f'(device.deviceOSType -eq "{("Windows", "iOS")[d[13] & 1]}")',
-                membershipRuleProcessingState="On",
-            )
-        return group
 
     def group_members(self, group_id: str) -> list[dict[str, Any]]:
         """The group's members (users), generated from its id."""
