@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from operator import itemgetter
 from typing import Any
@@ -141,7 +141,8 @@ def _csv(table: sa.Table, columns: Sequence[str], batch: Sequence[dict[str, Any]
 
 def _cells(column: sa.Column, values: list[Any]) -> list[Any]:
     if isinstance(column.type, sa.JSON):
-        return [_NULL_CELL if v is None else _json(v) for v in values]
+        encode = _json_memo()
+        return [_NULL_CELL if v is None else encode(v) for v in values]
     if isinstance(column.type, sa.DateTime | UTCDateTime):
         # A batch shares its sync's timestamps: format each once.
         stamps: dict[Any, str] = {}
@@ -150,6 +151,23 @@ def _cells(column: sa.Column, values: list[Any]) -> list[Any]:
             for v in values
         ]
     return [_NULL_CELL if v is None else v for v in values]
+
+
+def _json_memo() -> Callable[[Any], str]:
+    """JSON encoding that remembers small documents: a batch's small documents repeat a few
+    shapes (a group's groupTypes). For JSON's types, equal repr means equal JSON."""
+    docs: dict[str, str] = {}
+
+    def encode(value: Any) -> str:
+        key = repr(value)
+        doc = docs.get(key)
+        if doc is None:
+            doc = _json(value)
+            if len(key) <= 256:
+                docs[key] = doc
+        return doc
+
+    return encode
 
 
 def _cell(column: sa.Column, value: Any) -> Any:
