@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from itertools import islice
 from operator import itemgetter
 from typing import Any
@@ -34,14 +35,100 @@ def upsert(
     update: Sequence[str] | None = None,
     constants: Mapping[str, Any] | None = None,
 ) -> None:
-    """INSERT … ON CONFLICT (key) DO UPDATE, in bulk (PostgreSQL: COPY; SQLite: executemany).
+    """INSERT … ON CONFLICT (key) DO UPDATE, in bulk (PostgreSQL: COPY; SQLite: executemany)."""
+    prepare_upsert(conn.dialect.name, table, rows, key, update=update, constants=constants).execute(
+        conn
+    )
+
+
+@dataclass
+class PreparedUpsert:
+    """A bulk upsert with its rows already formatted for the database: ``execute`` only talks
+    to the database, so a writer can format the next batch while this one is written."""
+
+    dialect: str
+    table: sa.Table
+    key: tuple[str, ...]
+    constants: dict[str, Any]
+    # Per set of columns: (columns the rows carry, columns to update, formatted rows).
+    parts: list[tuple[tuple[str, ...], list[str], Any]] = field(default_factory=list)
+
+    def execute(self, conn: Connection) -> None:
+        if conn.dialect.name != self.dialect:
+            raise ValueError(f"prepared for {self.dialect}, executed on {conn.dialect.name}")
+        for varying, targets, payload in self.parts:
+            if self.dialect == "postgresql":
+                self._copy(conn, varying, targets, payload)
+            else:
+                self._executemany(conn, targets, payload)
+
+    def _executemany(self, conn, targets, rows) -> None:
+        # One compiled statement, executed many times: sqlite3 loops in C.
+        stmt = sqlite.insert(self.table)
+        if targets:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(self.key),
+                set_={c: getattr(stmt.excluded, c) for c in targets},
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=list(self.key))
+        conn.execute(stmt, rows)
+
+    def _copy(self, conn, varying, targets, stream: io.StringIO) -> None:
+        """COPY the rows into a scratch table, then one INSERT … SELECT … ON CONFLICT.
+
+        psycopg2's executemany is a round trip per row; COPY streams them in one."""
+        table, constants = self.table, self.constants
+        scratch = f"_atlas_bulk_{table.name}"
+        selected = [f'"{c}"' for c in varying] + [
+            f"CAST(%({c})s AS {table.c[c].type.compile(conn.dialect)})" for c in constants
+        ]
+        action = (
+            "DO UPDATE SET " + ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in targets)
+            if targets
+            else "DO NOTHING"
+        )
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(
+                f'CREATE TEMP TABLE IF NOT EXISTS "{scratch}" ON COMMIT DELETE ROWS AS '
+                f'SELECT * FROM "{table.name}" WITH NO DATA'
+            )
+            cursor.execute(f'TRUNCATE "{scratch}"')
+            cursor.copy_expert(
+                f'COPY "{scratch}" ({", ".join(selected[: len(varying)])}) FROM STDIN '
+                f"WITH (FORMAT csv, NULL '{_NULL}')",
+                stream,
+            )
+            names = ", ".join(f'"{c}"' for c in (*varying, *constants))
+            cursor.execute(
+                f'INSERT INTO "{table.name}" ({names}) '
+                f'SELECT {", ".join(selected)} FROM "{scratch}" '
+                f"ON CONFLICT ({', '.join(self.key)}) {action}",
+                {c: _cell(table.c[c], v) for c, v in constants.items()},
+            )
+        finally:
+            cursor.close()
+
+
+def prepare_upsert(
+    dialect: str,
+    table: sa.Table,
+    rows: Sequence[dict[str, Any]],
+    key: Sequence[str],
+    *,
+    update: Sequence[str] | None = None,
+    constants: Mapping[str, Any] | None = None,
+) -> PreparedUpsert:
+    """Format rows for an upsert on ``dialect`` ("postgresql" or "sqlite") without a connection.
 
     Rows are grouped by the set of columns they carry, so a partial row (a delta page that names
     only changed properties) updates only the columns it has. ``constants`` are columns with one
     value for every row (the connection, the sync's timestamps): PostgreSQL gets them once per
     statement instead of once per row.
     """
-    constants = dict(constants or {})
+    prepared = PreparedUpsert(dialect, table, tuple(key), dict(constants or {}))
+    constants = prepared.constants
     varying_key = [k for k in key if k not in constants]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -58,57 +145,13 @@ def upsert(
         identity = itemgetter(*varying_key) if varying_key else (lambda row: ())
         unique = list({identity(row): row for row in group}.values())
         for batch in chunks(unique, _ROWS_PER_CALL):
-            if conn.dialect.name == "postgresql":
-                _copy_upsert(conn, table, varying, constants, batch, key, targets)
-            else:
-                _sqlite_upsert(conn, table, [{**row, **constants} for row in batch], key, targets)
-
-
-def _sqlite_upsert(conn, table, batch, key, targets) -> None:
-    # One compiled statement, executed many times: sqlite3 loops in C.
-    stmt = sqlite.insert(table)
-    if targets:
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(key), set_={c: getattr(stmt.excluded, c) for c in targets}
-        )
-    else:
-        stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
-    conn.execute(stmt, batch)
-
-
-def _copy_upsert(conn, table, varying, constants, batch, key, targets) -> None:
-    """COPY the rows into a scratch table, then one INSERT … SELECT … ON CONFLICT.
-
-    psycopg2's executemany is a round trip per row; COPY streams them in one."""
-    scratch = f"_atlas_bulk_{table.name}"
-    selected = [f'"{c}"' for c in varying] + [
-        f"CAST(%({c})s AS {table.c[c].type.compile(conn.dialect)})" for c in constants
-    ]
-    action = (
-        "DO UPDATE SET " + ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in targets)
-        if targets
-        else "DO NOTHING"
-    )
-    cursor = conn.connection.dbapi_connection.cursor()
-    try:
-        cursor.execute(
-            f'CREATE TEMP TABLE IF NOT EXISTS "{scratch}" ON COMMIT DELETE ROWS AS '
-            f'SELECT * FROM "{table.name}" WITH NO DATA'
-        )
-        cursor.execute(f'TRUNCATE "{scratch}"')
-        cursor.copy_expert(
-            f'COPY "{scratch}" ({", ".join(selected[: len(varying)])}) FROM STDIN '
-            f"WITH (FORMAT csv, NULL '{_NULL}')",
-            _csv(table, varying, batch),
-        )
-        names = ", ".join(f'"{c}"' for c in (*varying, *constants))
-        cursor.execute(
-            f'INSERT INTO "{table.name}" ({names}) SELECT {", ".join(selected)} FROM "{scratch}" '
-            f"ON CONFLICT ({', '.join(key)}) {action}",
-            {c: _cell(table.c[c], v) for c, v in constants.items()},
-        )
-    finally:
-        cursor.close()
+            payload = (
+                _csv(table, varying, batch)
+                if dialect == "postgresql"
+                else [{**row, **constants} for row in batch]
+            )
+            prepared.parts.append((varying, targets, payload))
+    return prepared
 
 
 class _Null(float):

@@ -9,19 +9,25 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atlas_dagster import db, schema
-from atlas_dagster.assets.directory_groups import run_groups_sync
+from atlas_dagster import bulk, db, schema
+from atlas_dagster.assets import directory_groups
+from atlas_dagster.assets.directory_groups import run_groups_sync, stored_delta_link
 from atlas_dagster.assets.inventory import run_inventory_sync
 from atlas_dagster.reasons import AtlasError
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import client_for
 from atlas_dagster.simulator import FaultPlan, GraphSimulator, SimulatedTenant, install_simulator
+from atlas_dagster.simulator import server as simulator_server
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
 from tests.conftest import write_config
 
 
 @pytest.fixture
-def setup(tmp_path, database_url):
+def setup(tmp_path, database_url, monkeypatch):
+    # Delta pages of 10 and batches of 4 pages (40 rows): every groups sync here goes through
+    # the writer's pipeline many times.
+    monkeypatch.setattr(simulator_server, "DELTA_PAGE_MAX", 10)
+    monkeypatch.setattr(directory_groups, "FLUSH_ROWS", 37)
     cfg = write_config(tmp_path / "atlas.yaml", database_url, "mass_deletion_threshold: 1.0\n")
     database = DatabaseResource(config_path=str(cfg))
     engine = database.engine()
@@ -177,6 +183,29 @@ def test_groups_delta_full_then_incremental_then_resync(setup):
     assert third.mode == "resync"
     assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
     assert gone not in cached_groups(engine, conn_id)
+
+
+def test_a_batch_that_fails_to_write_fails_the_sync_and_nothing_is_written_after_it(
+    setup, monkeypatch
+):
+    engine, client, conn_id, sim = setup["engine"], setup["client"], setup["conn_id"], setup["sim"]
+    execute, calls = bulk.PreparedUpsert.execute, []
+
+    def fail_second_batch(self, conn):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        execute(self, conn)
+
+    monkeypatch.setattr(bulk.PreparedUpsert, "execute", fail_second_batch)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_groups_sync(engine, client, conn_id)
+    assert len(calls) == 2  # batches after the failed one were not written
+    assert len(cached_groups(engine, conn_id)) == 40  # the first batch
+    assert stored_delta_link(engine, conn_id) is None  # so the next sync reads everything again
+    monkeypatch.setattr(bulk.PreparedUpsert, "execute", execute)
+    assert run_groups_sync(engine, client, conn_id).mode == "full"
+    assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
 
 
 def test_readable_assignments_resolve_group_and_filter_names_from_cache(setup):

@@ -131,20 +131,27 @@ class _SwitchInterval:
 _PROMPT_SWITCHES = _SwitchInterval(0.0005)
 
 
+Pages = list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+
+
 class GroupsWriter:
-    """Takes delta pages as they are read and writes them in batches on one background thread,
-    so rows are built and written while the next pages are read. Batches are written in order (a
-    later sight of a group wins); at most one batch is in flight, which bounds memory."""
+    """Takes delta pages as they are read and writes them in batches, in a pipeline beside the
+    reading thread: one thread formats a batch (rows, the COPY stream) while another writes the
+    batch before it. Batches are written in order (a later sight of a group wins); at most one
+    batch is being formatted and one written, which bounds memory."""
 
     def __init__(self, engine: Engine, conn_id: int, now: datetime):
         self.engine, self.conn_id, self.now = engine, conn_id, now
-        self._pages: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
+        self._pages: Pages = []
         self._queued = 0
         self.result_upserted = 0
         self.result_removed = 0
         self.active_before = active_groups(engine, conn_id)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groups-writer")
-        self._in_flight: Future | None = None
+        self._formatter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groups-format")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groups-write")
+        self._formatting: Future | None = None  # → the Future of that batch's write
+        self._writing: Future | None = None
+        self._failed = threading.Event()  # no batch is written after one that failed
 
     def add(self, items: list[dict[str, Any]], removed: list[dict[str, Any]]) -> None:
         self._pages.append((items, removed))
@@ -155,49 +162,69 @@ class GroupsWriter:
     def flush(self) -> None:
         """Write everything added so far, and wait for it."""
         self._submit()
-        self._wait()
+        self._settle()
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._formatter.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self) -> None:
-        self._wait()  # surfaces the previous batch's error before queueing another
+        self._settle()  # surfaces the previous batches' errors before queueing another
         if self._pages:
             pages, self._pages, self._queued = self._pages, [], 0
-            self._in_flight = self._pool.submit(self._write, pages)
+            self._formatting = self._formatter.submit(self._format, pages)
 
-    def _wait(self) -> None:
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
-            future.result()
+    def _settle(self) -> None:
+        """Wait for the batch being formatted to reach the writer, and for the write before it."""
+        if self._formatting is not None:
+            formatting, self._formatting = self._formatting, None
+            writing = formatting.result()
+            if self._writing is not None:
+                self._writing.result()
+            self._writing = writing
 
-    def _write(self, pages: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
-        pending, removed = merge_pages(pages)
+    def _format(self, pages: Pages) -> Future:
+        rows, removed = merge_pages(pages)
         t = schema.directory_groups
-        scope = t.c.provider_connection_id == self.conn_id
+        prepared = bulk.prepare_upsert(
+            self.engine.dialect.name,
+            t,
+            list(rows.values()),
+            ("provider_connection_id", "group_id"),
+            update=[c.name for c in t.c if c.name != "first_seen_at"],
+            constants={
+                "provider_connection_id": self.conn_id,
+                "first_seen_at": self.now,
+                "last_seen_at": self.now,
+                "deleted_at": None,
+            },
+        )
+        return self._writer.submit(self._write, prepared, len(rows), removed)
+
+    def _write(self, prepared: bulk.PreparedUpsert, upserted: int, removed: set[str]) -> None:
+        if self._failed.is_set():
+            raise RuntimeError("an earlier batch of this groups sync failed to write")
+        try:
+            self._write_batch(prepared, upserted, removed)
+        except BaseException:
+            self._failed.set()
+            raise
+
+    def _write_batch(self, prepared: bulk.PreparedUpsert, upserted: int, removed: set[str]) -> None:
+        t = schema.directory_groups
         with self.engine.begin() as conn:
-            if pending:
-                bulk.upsert(
-                    conn,
-                    t,
-                    list(pending.values()),
-                    ("provider_connection_id", "group_id"),
-                    update=[c.name for c in t.c if c.name != "first_seen_at"],
-                    constants={
-                        "provider_connection_id": self.conn_id,
-                        "first_seen_at": self.now,
-                        "last_seen_at": self.now,
-                        "deleted_at": None,
-                    },
-                )
-                self.result_upserted += len(pending)
+            prepared.execute(conn)
+            self.result_upserted += upserted
             if removed:
                 self.result_removed += bulk.update_where_in(
                     conn,
                     t,
                     t.c.group_id,
                     removed,
-                    sa.and_(scope, t.c.deleted_at.is_(None)),
+                    sa.and_(t.c.provider_connection_id == self.conn_id, t.c.deleted_at.is_(None)),
                     deleted_at=self.now,
                 )
 
