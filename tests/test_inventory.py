@@ -2,6 +2,7 @@
 successful sync, and loses nothing after a failed one."""
 
 import random
+import sys
 
 import dagster as dg
 import pytest
@@ -206,6 +207,27 @@ def test_a_batch_that_fails_to_write_fails_the_sync_and_nothing_is_written_after
     monkeypatch.setattr(bulk.PreparedUpsert, "execute", execute)
     assert run_groups_sync(engine, client, conn_id).mode == "full"
     assert cached_groups(engine, conn_id) == tenant_groups(sim.tenant)
+
+
+def test_groups_sync_switches_threads_promptly_while_it_reads_and_restores_the_default(
+    setup,
+):
+    engine, client, conn_id = setup["engine"], setup["client"], setup["conn_id"]
+    default, seen = sys.getswitchinterval(), []
+
+    class Recording:
+        stats = client.stats
+
+        def delta(self, key, link):
+            for page in client.delta(key, link):
+                seen.append(sys.getswitchinterval())
+                yield page
+            raise RuntimeError("connection reset")
+
+    with pytest.raises(RuntimeError):
+        run_groups_sync(engine, Recording(), conn_id)
+    assert seen and max(seen) <= 0.0005 < default
+    assert sys.getswitchinterval() == default  # also after a failed sync
 
 
 def test_readable_assignments_resolve_group_and_filter_names_from_cache(setup):

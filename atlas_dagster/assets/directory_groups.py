@@ -74,9 +74,11 @@ class GroupsResult:
     graph: dict[str, int] | None = None
 
 
-def merge_pages(
-    pages: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]],
-) -> tuple[dict[str, dict[str, Any]], set[str]]:
+# Delta pages as read: each page's objects and its @removed entries.
+Pages = list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+
+
+def merge_pages(pages: Pages) -> tuple[dict[str, dict[str, Any]], set[str]]:
     """Rows to upsert and ids to mark deleted from consecutive delta pages, in order: a later
     sight of a group completes or replaces an earlier one, ``@removed`` drops it (pure)."""
     rows: dict[str, dict[str, Any]] = {}
@@ -103,7 +105,7 @@ class _SwitchInterval:
     """While a groups sync runs, threads take turns with the GIL every 0.5 ms instead of 5 ms.
 
     The reading thread spends its time waiting for Graph; when a page arrives it must get the
-    GIL back from the writer thread (formatting rows) before it can ask for the next page, and
+    GIL back from the formatting thread before it can ask for the next page, and
     with the default interval that wait, up to 5 ms, was paid on most of the 1,000 pages of a
     large tenant. Counted, so concurrent syncs in one process restore the default only when the
     last one ends."""
@@ -131,14 +133,12 @@ class _SwitchInterval:
 _PROMPT_SWITCHES = _SwitchInterval(0.0005)
 
 
-Pages = list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]
-
-
 class GroupsWriter:
     """Takes delta pages as they are read and writes them in batches, in a pipeline beside the
     reading thread: one thread formats a batch (rows, the COPY stream) while another writes the
-    batch before it. Batches are written in order (a later sight of a group wins); at most one
-    batch is being formatted and one written, which bounds memory."""
+    batch before it. Batches are written in order (a later sight of a group wins), each in its
+    own transaction; the reader waits rather than run more than two batches ahead of the
+    database, which bounds memory."""
 
     def __init__(self, engine: Engine, conn_id: int, now: datetime):
         self.engine, self.conn_id, self.now = engine, conn_id, now
@@ -207,26 +207,25 @@ class GroupsWriter:
     def _write(self, prepared: bulk.PreparedUpsert, upserted: int, removed: set[str]) -> None:
         if self._failed.is_set():
             raise RuntimeError("an earlier batch of this groups sync failed to write")
+        t = schema.directory_groups
         try:
-            self._write_batch(prepared, upserted, removed)
+            with self.engine.begin() as conn:
+                prepared.execute(conn)
+                if removed:
+                    self.result_removed += bulk.update_where_in(
+                        conn,
+                        t,
+                        t.c.group_id,
+                        removed,
+                        sa.and_(
+                            t.c.provider_connection_id == self.conn_id, t.c.deleted_at.is_(None)
+                        ),
+                        deleted_at=self.now,
+                    )
         except BaseException:
             self._failed.set()
             raise
-
-    def _write_batch(self, prepared: bulk.PreparedUpsert, upserted: int, removed: set[str]) -> None:
-        t = schema.directory_groups
-        with self.engine.begin() as conn:
-            prepared.execute(conn)
-            self.result_upserted += upserted
-            if removed:
-                self.result_removed += bulk.update_where_in(
-                    conn,
-                    t,
-                    t.c.group_id,
-                    removed,
-                    sa.and_(t.c.provider_connection_id == self.conn_id, t.c.deleted_at.is_(None)),
-                    deleted_at=self.now,
-                )
+        self.result_upserted += upserted
 
     def reconcile_full(self) -> int:
         """After a complete full listing: whatever it did not hold is gone."""
