@@ -228,6 +228,7 @@ def test_context_keys_and_related_links(ledger):
             "backup_schedule_id": 1,
             "retry_of": 7,
             "backup_schedule_run_id": 12,
+            "restore_run_id": 5,
             "provider_connection_key": "contoso",
         },
     ).row
@@ -249,6 +250,7 @@ def test_context_keys_and_related_links(ledger):
         == "http://dagster.local:3000/assets/backups?view=partitions&partition=contoso"
     )
     assert "12" in links["backup_set"] and "7" in links["retry_of"]
+    assert links["restore_run_id"] == "atlas-dagster runs --id 5"
 
 
 def test_view_links_runs_to_the_dagster_ui(ledger):

@@ -128,8 +128,9 @@ def related_links(row: OperationRun | Mapping[str, Any], base_url: str) -> dict[
         links["asset"] = f"{base}/assets/{asset}?view=partitions&partition={partition}"
     if context.get("backup_schedule_run_id"):
         links["backup_set"] = f"atlas-dagster backups export {context['backup_schedule_run_id']}"
-    if context.get("retry_of"):
-        links["retry_of"] = f"atlas-dagster runs --id {context['retry_of']}"
+    for key in ("retry_of", "restore_run_id"):
+        if context.get(key):
+            links[key] = f"atlas-dagster runs --id {context[key]}"
     return links
 
 
