@@ -16,6 +16,16 @@ from atlas_dagster.resources.database import DatabaseResource
 FRESHNESS_WINDOW = timedelta(hours=26)
 
 
+def active_rows(engine: sa.Engine, table: sa.Table, conn_id: int) -> int:
+    """How many of a connection's cached rows are not soft-deleted."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.count()).where(
+                table.c.provider_connection_id == conn_id, table.c.deleted_at.is_(None)
+            )
+        ).scalar_one()
+
+
 def connection_for_run(database: DatabaseResource, key: str) -> tuple[ProviderConnection, int]:
     """The configured connection of a partition, and its database id."""
     try:

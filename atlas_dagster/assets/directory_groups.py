@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from atlas_dagster import bulk, schema
 from atlas_dagster.assets.common import (
+    active_rows,
     connection_for_run,
     freshness_result,
     graph_metadata,
@@ -69,6 +70,7 @@ class GroupsResult:
     upserted: int = 0
     created: int = 0
     removed: int = 0
+    active: int = 0  # active groups after the sync
     pages: int = 0
     duration_s: float = 0.0
     graph: dict[str, int] | None = None
@@ -146,7 +148,7 @@ class GroupsWriter:
         self._queued = 0
         self.result_upserted = 0
         self.result_removed = 0
-        self.active_before = active_groups(engine, conn_id)
+        self.active_before = active_rows(engine, schema.directory_groups, conn_id)
         self._formatter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groups-format")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groups-write")
         self._formatting: Future | None = None  # → the Future of that batch's write
@@ -244,16 +246,6 @@ class GroupsWriter:
         return result.rowcount
 
 
-def active_groups(engine: Engine, conn_id: int) -> int:
-    t = schema.directory_groups
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.select(sa.func.count()).where(
-                t.c.provider_connection_id == conn_id, t.c.deleted_at.is_(None)
-            )
-        ).scalar_one()
-
-
 def stored_delta_link(engine: Engine, conn_id: int) -> tuple[str, datetime] | None:
     t = schema.directory_delta_links
     with engine.connect() as conn:
@@ -307,8 +299,9 @@ def _read(engine: Engine, client: Any, conn_id: int, link: str | None, mode: str
         writer.reconcile_full()
     _store_delta_link(engine, conn_id, final_link)
     result.upserted, result.removed = writer.result_upserted, writer.result_removed
+    result.active = active_rows(engine, schema.directory_groups, conn_id)
     # Every active group now is one that was active before, or a new (or restored) one.
-    result.created = active_groups(engine, conn_id) - writer.active_before + result.removed
+    result.created = result.active - writer.active_before + result.removed
     return result
 
 
@@ -376,7 +369,7 @@ def directory_groups(
             record_denied(engine, conn_id, exc, handle.id)
             raise
         _summary(result, handle)
-        active = active_groups(engine, conn_id)
+        active = result.active
         yield dg.MaterializeResult(
             metadata={
                 "mode": dg.MetadataValue.text(result.mode),

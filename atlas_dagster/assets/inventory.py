@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from atlas_dagster import bulk, schema
 from atlas_dagster.assets.common import (
+    active_rows,
     connection_for_run,
     freshness_result,
     graph_metadata,
@@ -384,7 +385,7 @@ def inventory(
             log=context.log,
         )
         held = {r.contract_key: len(r.held_back) for r in summary.results if r.held_back}
-        active = _active_count(database.engine(), conn_id)
+        active = active_rows(database.engine(), schema.inventory_items, conn_id)
         yield dg.MaterializeResult(metadata=_metadata(summary, handle))
         yield dg.AssetCheckResult(
             check_name="mass_deletion",
@@ -399,16 +400,6 @@ def inventory(
             severity=dg.AssetCheckSeverity.WARN,
             metadata={"active_items": dg.MetadataValue.int(active)},
         )
-
-
-def _active_count(engine: Engine, conn_id: int) -> int:
-    t = schema.inventory_items
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.select(sa.func.count()).where(
-                t.c.provider_connection_id == conn_id, t.c.deleted_at.is_(None)
-            )
-        ).scalar_one()
 
 
 @dg.asset_check(
