@@ -91,6 +91,14 @@ class Contract:
     def is_item_read(self) -> bool:
         return "{id}" in self.path
 
+    @property
+    def per_item_reads(self) -> tuple[Detail, ...]:
+        """Every read per listed object: the details, then the assignments when they have a
+        contract of their own."""
+        if self.assignments in CONTRACTS:
+            return (*self.details, Detail("assignments", self.assignments, "collection"))
+        return self.details
+
     def relative_url(self, item_id: str | None = None, *, top: int | None = None) -> str:
         """The request path and query (without version root) for this contract."""
         path = self.path.replace("{id}", _quote_id(item_id)) if self.is_item_read else self.path

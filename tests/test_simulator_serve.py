@@ -16,10 +16,11 @@ import pytest
 from atlas_dagster.config import ProviderConnection, parse_config
 from atlas_dagster.resources.graph import GraphClient
 from atlas_dagster.simulator import SimulatedTenant
+from atlas_dagster.simulator.server import DEFAULT_SECRET as SIMULATED_SECRET
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
 
 PROFILE, SEED = "small", 5
-SIMULATED_SECRET = "simulated-secret"
+
 BANNER = re.compile(r"at (?P<url>http://\S+) tenant_id=(?P<tenant>\S+) client_id=(?P<client>\S+)")
 STARTUP_SECONDS = 30.0
 

@@ -203,13 +203,12 @@ def run_backup(
     failed = sum(1 for r in results if r.error is not None)
     status = set_status(len(results), failed, carried)
     store.finish_set(engine, set_id, status, failures)
-    after = client.stats.as_dict()
     return BackupSummary(
         set_id=set_id,
         status=status,
         results=results,
         carried_items=carried,
-        graph={k: after[k] - before.get(k, 0) for k in after},
+        graph=client.stats.since(before),
         duration_s=time.monotonic() - started,
     )
 

@@ -324,8 +324,7 @@ def run_groups_sync(engine: Engine, client: Any, conn_id: int, log: Any = None) 
         if log is not None:
             log.info(f"{exc}: full resync")
         result = _read(engine, client, conn_id, None, "resync")
-    after = client.stats.as_dict()
-    result.graph = {k: after[k] - before.get(k, 0) for k in after}
+    result.graph = client.stats.since(before)
     result.duration_s = time.monotonic() - started
     return result
 

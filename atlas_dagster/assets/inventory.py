@@ -293,8 +293,7 @@ def run_inventory_sync(
                 f"{key} objects would be deleted (more than {threshold:.0%}); deletions held back",
                 key,
             )
-    after = client.stats.as_dict()
-    graph = {k: after[k] - before.get(k, 0) for k in after}
+    graph = client.stats.since(before)
     summary = InventorySummary(results, time.monotonic() - started, graph)
     if handle is not None:
         handle.progress(**summary.totals())

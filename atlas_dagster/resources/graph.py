@@ -69,7 +69,6 @@ BACKOFF_CAP = 30.0
 # The default budget (Intune: 1000 requests per 20 s per tenant); the burst equals the limit so a
 # tenant needing fewer requests than that is never slowed down.
 BUCKET_CAPACITY, BUCKET_REFILL_PER_SECOND = THROTTLE_BUDGETS["intune"]
-SIMULATED_SECRET = "simulated-secret"
 
 
 # --- Stats and results ------------------------------------------------------------------------
@@ -94,6 +93,10 @@ class GraphStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """What was counted after ``before`` (an earlier ``as_dict()``)."""
+        return {k: v - before.get(k, 0) for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -809,23 +812,20 @@ class GraphClient:
         """A policy contract's complete objects: each listed page enriched with its per-item
         details and assignments (read in batches), yielded object by object."""
         contract = self._contract(contract_key)
-        per_item = [(d.key, d.contract, d.mode) for d in contract.details]
-        if contract.assignments in CONTRACTS:
-            per_item.append(("assignments", contract.assignments, "collection"))
         for page in self.pages(contract_key):
             by_id = {str(obj["id"]): obj for obj in page if obj.get("id") is not None}
-            for key, detail_key, mode in per_item:
+            for read in contract.per_item_reads:
                 try:
-                    for item_id, result in self.read_details(detail_key, list(by_id)):
+                    for item_id, result in self.read_details(read.contract, list(by_id)):
                         obj = by_id[item_id]
-                        if mode == "merge" and isinstance(result, dict):
+                        if read.mode == "merge" and isinstance(result, dict):
                             obj.update({k: v for k, v in result.items() if k != "@odata.context"})
                         else:
-                            obj[key] = result
+                            obj[read.key] = result
                 except GraphError as exc:
                     raise GraphError(
                         exc.reason_code,
-                        f"{contract_key}: reading {key} failed: {exc.message}",
+                        f"{contract_key}: reading {read.key} failed: {exc.message}",
                         contract_key=contract_key,
                         status=exc.status,
                         request_id=exc.request_id,
@@ -866,7 +866,7 @@ def client_for(connection: ProviderConnection) -> GraphClient:
             connection,
             tenant_id=tenant.tenant_id,
             client_id=tenant.client_id,
-            client_secret=Secret(getattr(sim, "client_secret", None) or SIMULATED_SECRET),
+            client_secret=Secret(sim.client_secret),
             certificate=None,
         )
     client = GraphClient(effective, transport=transport)

@@ -129,6 +129,7 @@ class GraphSimulator:
         granted_roles: list[str] | None = None,
     ):
         self.tenant = tenant
+        # What the in-process client signs in with; a test sets another to see sign-in fail.
         self.client_secret = client_secret
         self.authority = Authority(tenant.tenant_id, tenant.client_id, client_secret)
         self._granted = list(all_permissions() if granted_roles is None else granted_roles)
@@ -798,10 +799,11 @@ def minimum_request_units(tenant: SimulatedTenant, contract_keys: tuple[str, ...
         contract = CONTRACTS[key]
         objects = tenant.policies(key)
         total += pages(key, len(objects))
-        per_item = [(d.key, d.contract, d.mode) for d in contract.details]
-        if contract.assignments in CONTRACTS:
-            per_item.append(("assignments", contract.assignments, "collection"))
         for obj in objects:
-            for field_name, detail, mode in per_item:
-                total += 1 if mode == "merge" else pages(detail, len(obj.get(field_name) or []))
+            for read in contract.per_item_reads:
+                total += (
+                    1
+                    if read.mode == "merge"
+                    else pages(read.contract, len(obj.get(read.key) or []))
+                )
     return total

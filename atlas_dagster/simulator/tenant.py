@@ -528,15 +528,12 @@ def full_form(contract: Contract, stored: dict[str, Any]) -> dict[str, Any]:
     """What a GraphClient holds for one object after ``read_policies``: the listed shape, each
     collection detail and per-item assignments under their keys, merged item reads."""
     obj = shape(stored, contract_shape(contract.select, contract.expand))
-    extra = [(d.key, d.contract, d.mode) for d in contract.details]
-    if contract.assignments in CONTRACTS:
-        extra.append(("assignments", contract.assignments, "collection"))
-    for key, detail_key, mode in extra:
-        detail = CONTRACTS[detail_key]
+    for read in contract.per_item_reads:
+        detail = CONTRACTS[read.contract]
         how = contract_shape(detail.select, detail.expand)
-        if mode == "merge":
+        if read.mode == "merge":
             obj.update(shape(stored, how, item_read=True))
         else:
             nav = detail.path.rsplit("/", 1)[1]
-            obj[key] = [shape(v, how) for v in stored.get(nav) or []]
+            obj[read.key] = [shape(v, how) for v in stored.get(nav) or []]
     return obj
