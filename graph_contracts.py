@@ -115,9 +115,14 @@ class Contract:
         return path + ("?" + "&".join(query) if query else "")
 
 
+# One path segment that names an item: never "." or "..", which would move up the path.
+ITEM_ID = r"(?!\.\.?(?:/|$))[A-Za-z0-9_.:-]+"
+
+
 def _quote_id(item_id: str | None) -> str:
-    # Graph ids are GUIDs or GUID_suffix strings; refuse anything that could alter the path.
-    if item_id is None or not re.fullmatch(r"[A-Za-z0-9_.:-]+", item_id):
+    # Graph ids are GUIDs or GUID_suffix strings; refuse anything that could alter the path,
+    # a "." or ".." segment included.
+    if item_id is None or not re.fullmatch(ITEM_ID, item_id):
         raise ValueError(f"refusing to put {item_id!r} into a Graph path")
     return item_id
 

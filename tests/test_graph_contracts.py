@@ -1181,7 +1181,7 @@ def test_a_delta_url_asks_for_no_top():
 
 
 @pytest.mark.parametrize(
-    "bad_id", ["a/b", "a?b", "../deviceConfigurations", "x&$expand=y", "a b", "", None]
+    "bad_id", ["a/b", "a?b", "../deviceConfigurations", "..", ".", "x&$expand=y", "a b", "", None]
 )
 def test_an_item_url_refuses_ids_that_could_alter_the_request(bad_id):
     with pytest.raises(ValueError):

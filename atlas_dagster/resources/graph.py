@@ -135,10 +135,10 @@ def backoff_seconds(attempt: int, rng: random.Random) -> float:
 
 
 def path_pattern(contract: Contract) -> re.Pattern[str]:
-    """The request path (after the version root) a contract allows; ``{id}`` is one segment.
-    Graph writes delta functions both as ``/delta`` and ``/delta()`` in its links."""
+    """The request path (after the version root) a contract allows; ``{id}`` is one segment,
+    never "." or "..". Graph writes delta functions both as ``/delta`` and ``/delta()``."""
     parts = [re.escape(p) for p in contract.path.split("{id}")]
-    body = "[^/]+".join(parts)
+    body = r"(?!\.\.?(?:/|$))[^/]+".join(parts)
     if contract.paging == "delta":
         body += r"(?:\(\))?"
     return re.compile(body + "$", re.IGNORECASE)
