@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from atlas_dagster import bulk, db, schema
 from atlas_dagster.assets import directory_groups
 from atlas_dagster.assets.directory_groups import run_groups_sync, stored_delta_link
-from atlas_dagster.assets.inventory import run_inventory_sync
+from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
 from atlas_dagster.reasons import AtlasError
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import client_for
@@ -123,6 +123,19 @@ def test_full_sync_caches_every_policy_with_assignments(setup):
         0,
         0,
     )
+
+
+def test_an_object_without_an_id_fails_the_type_and_every_object_counted_is_stored(setup):
+    engine, conn_id, sim = setup["engine"], setup["conn_id"], setup["sim"]
+    objects = [dict(o) for o in sim.tenant.policies("device_configurations")][:3]
+    objects.insert(2, {"displayName": "no id"})
+    result = sync_contract(
+        engine, conn_id, CONTRACTS["device_configurations"], iter(objects), threshold=1.0
+    )
+    assert result.error is not None and result.error.reason_code == "provider_bad_response"
+    stored = {key for key, _ in cached_items(engine, conn_id).items()}
+    assert {("device_configurations", i) for i in result.created} == stored
+    assert len(stored) == 3
 
 
 def test_403_on_one_type_fails_only_that_type_and_deletes_nothing(setup):

@@ -126,14 +126,15 @@ class InventoryWriter:
         self.seen: set[str] = set()
 
     def write(self, objects: list[dict[str, Any]]) -> None:
+        # Checked before anything is counted, so a refused chunk leaves no trace on the result.
+        if any(obj.get("id") is None for obj in objects):
+            raise GraphError(
+                PROVIDER_BAD_RESPONSE,
+                f"{self.contract.key}: an object without an id",
+                contract_key=self.contract.key,
+            )
         items, assignments, changed, unchanged = [], [], [], []
         for obj in objects:
-            if obj.get("id") is None:
-                raise GraphError(
-                    PROVIDER_BAD_RESPONSE,
-                    f"{self.contract.key}: an object without an id",
-                    contract_key=self.contract.key,
-                )
             row, rows = item_row(self.conn_id, self.contract, obj, self.now)
             external_id = row["external_id"]
             if external_id in self.seen:
