@@ -23,11 +23,10 @@ from sqlalchemy.exc import IntegrityError
 
 from atlas_dagster import schema
 from atlas_dagster.reasons import (
-    INTERNAL_ERROR,
     RUN_CANCELLED,
     RUN_CRASHED,
-    AtlasError,
     failure,
+    failure_of,
 )
 from atlas_dagster.resources.ledger import (
     RUN_TYPES,
@@ -389,12 +388,8 @@ def operation_scope(
         yield handle
     except dg.Failure:
         raise
-    except AtlasError as exc:
-        handle.fail(exc.reason_code, exc.message, exc.contract_key)
-        raise
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        handle.fail(INTERNAL_ERROR, f"{type(exc).__name__}: {first_line}"[:500])
+        handle.ledger.record_progress(handle.id, failures=[failure_of(exc)])
         raise
 
 

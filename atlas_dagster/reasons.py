@@ -100,3 +100,17 @@ def failure(reason_code: str, message: str, contract_key: str | None = None) -> 
     if contract_key:
         entry["contract_key"] = contract_key
     return entry
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for people: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def failure_of(exc: BaseException) -> dict[str, Any]:
+    """The ``failure_summary`` entry for an exception: its own reason for an AtlasError, else
+    ``internal_error`` with the exception as one line."""
+    if isinstance(exc, AtlasError):
+        return exc.as_failure()
+    return failure(INTERNAL_ERROR, one_line(exc))

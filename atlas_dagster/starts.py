@@ -22,6 +22,7 @@ from atlas_dagster import schema
 from atlas_dagster.config import AtlasConfig
 from atlas_dagster.connections import sync_partitions
 from atlas_dagster.mirror import mirror_run_id
+from atlas_dagster.reasons import one_line
 from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.resources.ledger import (
     RUN_TYPES,
@@ -163,8 +164,8 @@ def start_operation(
     except DispatchError:
         raise
     except Exception as exc:  # any failure to hand the run over is a dispatch failure
-        ledger.fail_dispatch(started.row.id, _one_line(exc))
-        raise DispatchError(_one_line(exc), ledger.get(started.row.id) or started.row) from None
+        ledger.fail_dispatch(started.row.id, one_line(exc))
+        raise DispatchError(one_line(exc), ledger.get(started.row.id) or started.row) from None
     return StartOutcome(row, created=True, dispatched=True)
 
 
@@ -244,7 +245,7 @@ def _submit(
     except DagsterGraphQLClientError as exc:
         message = (
             f"could not submit {job_name} to the Dagster webserver at "
-            f"{config.dagster_webserver_url}: {_one_line(exc)}"
+            f"{config.dagster_webserver_url}: {one_line(exc)}"
         )
         ledger.fail_dispatch(row.id, message)
         raise DispatchError(message, ledger.get(row.id) or row) from None
@@ -272,8 +273,3 @@ def _whoami() -> str:
         return getpass.getuser()
     except Exception:
         return "unknown"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]

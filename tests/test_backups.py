@@ -490,6 +490,21 @@ def test_a_403_on_one_type_makes_the_set_partial_and_a_retry_completes_only_that
         assert {i for k, i in items if k == key} == {o["id"] for o in env.tenant.policies(key)}
 
 
+def test_a_backup_that_fails_before_reading_finishes_its_set_as_failed(make_env, monkeypatch):
+    env = make_env()
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(store, "cached_names", unreadable)
+    row, backup_set = _backup(env)
+    assert row.outcome == "failed"
+    assert backup_set.status == store.SET_FAILED  # not left "running"
+    assert backup_set.failure_summary == [
+        {"reason_code": "internal_error", "message": "RuntimeError: database went away"}
+    ]
+
+
 def test_policies_that_share_a_display_name_are_all_kept(make_env):
     env = make_env()
     twin = env.tenant.policies("device_configurations")[0]

@@ -31,6 +31,7 @@ from atlas_dagster.reasons import (
     AtlasError,
     GraphError,
     failure,
+    failure_of,
 )
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
@@ -167,15 +168,13 @@ def run_backup(
     started = time.monotonic()
     before = client.stats.as_dict()
     conn_id = plan.schedule.provider_connection_id
-    groups, filters = store.cached_names(engine, conn_id)
-    carried = (
-        store.carry_items(engine, plan.carry_from, set_id, plan.carry_types)
-        if plan.carry_from is not None
-        else 0
-    )
     results: list[TypeResult] = []
     failures: list[dict[str, Any]] = []
+    carried = 0
     try:
+        groups, filters = store.cached_names(engine, conn_id)
+        if plan.carry_from is not None:
+            carried = store.carry_items(engine, plan.carry_from, set_id, plan.carry_types)
         for key in plan.read_types:
             result = TypeResult(key)
             results.append(result)
@@ -196,8 +195,9 @@ def run_backup(
                     f"{key}: {result.stored.items} items, {result.stored.new_payloads} new "
                     "payloads" + (f" ({result.error.reason_code})" if result.error else "")
                 )
-    except Exception as exc:
-        failures.append(_as_failure(exc))
+    except BaseException as exc:
+        # Cancelling a run raises a BaseException: the set is finished as failed all the same.
+        failures.append(failure_of(exc))
         store.finish_set(engine, set_id, store.SET_FAILED, failures)
         raise
     failed = sum(1 for r in results if r.error is not None)
@@ -211,13 +211,6 @@ def run_backup(
         graph=client.stats.since(before),
         duration_s=time.monotonic() - started,
     )
-
-
-def _as_failure(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, AtlasError):
-        return exc.as_failure()
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return failure("internal_error", f"{type(exc).__name__}: {first}"[:500])
 
 
 def resolve_schedule(engine: Engine, row: OperationRun, conn_id: int) -> store.ScheduleRow:
