@@ -216,7 +216,8 @@ def store_items(engine: Engine, set_id: int, records: Sequence[ItemRecord]) -> S
             result.new_payloads += 1
             result.new_payload_bytes += size
         if new:
-            bulk.upsert(conn, p, [{**row, "created_at": now} for row in new], ("content_hash",))
+            # The first copy stored stays: a concurrent backup of the same hash changes nothing.
+            bulk.upsert(conn, p, new, ("content_hash",), update=(), constants={"created_at": now})
         rows = [
             {
                 "backup_set_id": set_id,

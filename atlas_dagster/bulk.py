@@ -197,11 +197,13 @@ def _cells(column: sa.Column, values: list[Any]) -> list[Any]:
 
 
 def _json_memo() -> Callable[[Any], str]:
-    """JSON encoding that remembers small documents: a batch's small documents repeat a few
-    shapes (a group's groupTypes). For JSON's types, equal repr means equal JSON."""
+    """JSON encoding that remembers small lists: a batch's lists repeat a few shapes (a group's
+    groupTypes). For JSON's types, equal repr means equal JSON."""
     docs: dict[str, str] = {}
 
     def encode(value: Any) -> str:
+        if isinstance(value, dict):
+            return _json(value)  # payloads: large and unique, not worth a repr
         key = repr(value)
         doc = docs.get(key)
         if doc is None:

@@ -116,7 +116,7 @@ class _SwitchInterval:
         self.seconds = seconds
         self._lock = threading.Lock()
         self._users = 0
-        self._default = sys.getswitchinterval()
+        self._default = 0.0  # the interval to restore, read when the first sync starts
 
     def __enter__(self) -> None:
         with self._lock:

@@ -65,10 +65,6 @@ class ContractResult:
     per_policy_type: dict[str, int] = field(default_factory=dict)
     error: GraphError | None = None
 
-    @property
-    def unchanged(self) -> int:
-        return self.seen - len(self.created) - len(self.updated)
-
 
 def item_row(
     conn_id: int, contract: Contract, obj: dict[str, Any], now: datetime
