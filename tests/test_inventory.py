@@ -17,7 +17,13 @@ from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
 from atlas_dagster.reasons import AtlasError
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import client_for
-from atlas_dagster.simulator import FaultPlan, GraphSimulator, SimulatedTenant, install_simulator
+from atlas_dagster.simulator import (
+    FaultPlan,
+    GraphSimulator,
+    SimulatedTenant,
+    install_simulator,
+    uninstall_simulator,
+)
 from atlas_dagster.simulator import server as simulator_server
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
 from tests.conftest import write_config
@@ -34,14 +40,17 @@ def setup(tmp_path, database_url, monkeypatch):
     engine = database.engine()
     sim = GraphSimulator(SimulatedTenant.generate("small", 3))
     install_simulator("contoso", sim)
-    connection = database.config().connection("contoso")
-    return {
+    client = client_for(database.config().connection("contoso"))
+    # Faults count requests, not time: every retry still happens, without waiting it out.
+    monkeypatch.setattr(client, "_sleep", lambda seconds: None)
+    yield {
         "engine": engine,
         "sim": sim,
-        "client": client_for(connection),
+        "client": client,
         "conn_id": db.connection_ids(engine)["contoso"],
         "database": database,
     }
+    uninstall_simulator("contoso")
 
 
 def cached_items(engine, conn_id) -> dict[tuple[str, str], str]:

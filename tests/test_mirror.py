@@ -193,13 +193,17 @@ def test_started_run_whose_worker_died_is_failed_as_crashed(env):
         run.run_id,
     )
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    instance.report_engine_event(
-        f"Started process for run (pid: {worker.pid}).", run, EngineEventData.in_process(worker.pid)
-    )
-    reconcile(env["ledger"], instance, None)
-    assert env["ledger"].get(row.id).status == "running"  # alive: left alone
-    worker.kill()  # SIGKILL, as an OOM killer would
-    worker.wait()
+    try:
+        instance.report_engine_event(
+            f"Started process for run (pid: {worker.pid}).",
+            run,
+            EngineEventData.in_process(worker.pid),
+        )
+        reconcile(env["ledger"], instance, None)
+        assert env["ledger"].get(row.id).status == "running"  # alive: left alone
+    finally:
+        worker.kill()  # SIGKILL, as an OOM killer would
+        worker.wait()
     reconcile(env["ledger"], instance, None)
     done = env["ledger"].get(row.id)
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE

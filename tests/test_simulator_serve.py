@@ -4,7 +4,6 @@ login_base_url: here `atlas-dagster simulator serve` in its own process, over re
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from atlas_dagster.resources.graph import GraphClient
 from atlas_dagster.simulator import SimulatedTenant
 from atlas_dagster.simulator.server import DEFAULT_SECRET as SIMULATED_SECRET
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
+from tests.dagster_procs import free_port
 
 PROFILE, SEED = "small", 5
 
@@ -30,12 +30,6 @@ class Served:
     base_url: str
     tenant_id: str
     client_id: str
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def first_line(proc: subprocess.Popen[str], timeout: float) -> str:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
@@ -14,7 +15,8 @@ from atlas_dagster.connections import sync_partitions
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.readiness import latest_checks
 from atlas_dagster.resources.database import DatabaseResource
-from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
+from atlas_dagster.resources.ledger import OperationLedger
+from atlas_dagster.simulator import FaultPlan, GraphSimulator, SimulatedTenant, install_simulator
 from atlas_dagster.starts import start_operation
 from graph_contracts import CONTRACTS
 from tests.conftest import write_config
@@ -41,7 +43,7 @@ def env(tmp_path, database_url):
         }
 
 
-def _verify(env):
+def _start_verify(env):
     return start_operation(
         env["config"],
         "provider_connection.verify",
@@ -49,7 +51,11 @@ def _verify(env):
         connection="contoso",
         in_process=True,
         instance=env["instance"],
-    ).row
+    )
+
+
+def _verify(env):
+    return _start_verify(env).row
 
 
 def _checks(env, row):
@@ -107,29 +113,21 @@ def test_a_failing_probe_is_partial_not_failed(env):
     assert checks["device_categories"]["reason_code"] == "provider_unavailable"
 
 
-def test_concurrent_verifications_share_one_ledger_row(env):
-    from atlas_dagster.resources.ledger import OperationLedger
-
+def test_verifications_started_while_one_runs_share_its_ledger_row(env):
+    env["sim"].faults = FaultPlan(latency_s=0.05)  # one verification takes a second or two
     ledger = OperationLedger(env["engine"])
-    conn_id = _checks_conn_id(env)
-
-    def start(_):
-        return ledger.start(
-            "provider_connection.verify",
-            provider_connection_id=conn_id,
-            trigger_source="cli",
-            initiator="x",
-        )
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(start, range(8)))
-    assert len({r.row.id for r in results}) == 1 and sum(r.created for r in results) == 1
-
-
-def _checks_conn_id(env):
-    from atlas_dagster.db import connection_ids
-
-    return connection_ids(env["engine"])["contoso"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(_start_verify, env)
+        deadline = time.monotonic() + 30
+        while not ledger.list(type="provider_connection.verify", status="running"):
+            assert time.monotonic() < deadline, "the first verification never started"
+            time.sleep(0.02)
+        later = [_start_verify(env) for _ in range(3)]
+        running = first.result()
+    assert running.created and running.row.outcome == "succeeded"
+    assert {o.row.id for o in later} == {running.row.id}
+    assert not any(o.created or o.dispatched for o in later)
+    assert len(ledger.list(type="provider_connection.verify")) == 1
 
 
 def test_cli_verify_prints_the_table_and_json(tmp_path):
