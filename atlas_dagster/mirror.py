@@ -80,11 +80,14 @@ def resolve_row(
     created_at: datetime | None = None,
 ) -> OperationRun | None:
     """The ledger row of a Dagster run: by tag, by run id, or adopted (created) for a run that was
-    launched without the tag (the Dagster UI). None for runs of jobs the ledger does not track."""
+    launched without the tag (the Dagster UI). None for runs of jobs the ledger does not track.
+
+    A re-execution from the Dagster UI copies its parent's tags: a tagged row that already
+    belongs to another Dagster run is the parent's, and the re-execution is adopted instead."""
     tagged = run.tags.get(TAG_OPERATION_RUN_ID)
     if tagged and tagged.isdigit():
         row = ledger.get(int(tagged))
-        if row is not None:
+        if row is not None and row.dagster_run_id in (None, run.run_id):
             return row
     row = ledger.find_by_dagster_run(run.run_id)
     if row is not None or run.job_name not in LEDGER_JOBS:

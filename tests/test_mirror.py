@@ -89,6 +89,23 @@ def test_tagged_successful_run_completes_its_row_with_run_timestamps(env):
     assert abs(done.completed_at.timestamp() - record.end_time) < 0.01
 
 
+def test_a_re_execution_with_its_parents_tags_gets_a_row_of_its_own(env):
+    row = _start(env)
+    parent = _execute(env, {TAG_OPERATION_RUN_ID: str(row.id)})
+    reconcile(env["ledger"], env["instance"], None)
+    child = _execute(env, {TAG_OPERATION_RUN_ID: str(row.id)})  # the UI copies parent tags
+    assert parent.success and child.success
+    reconcile(env["ledger"], env["instance"], None)
+    by_run = {r.dagster_run_id: r for r in env["ledger"].list()}
+    assert by_run[parent.run_id].id == row.id
+    assert by_run[child.run_id].id != row.id
+    assert (by_run[child.run_id].status, by_run[child.run_id].outcome) == (
+        "completed",
+        "succeeded",
+    )
+    assert env["ledger"].get(row.id).dagster_run_id == parent.run_id
+
+
 def test_failing_job_records_internal_error_one_line(env):
     row = _start(env)
     result = _execute(env, {TAG_OPERATION_RUN_ID: str(row.id), "test/behaviour": "raise"})
