@@ -294,15 +294,17 @@ def reconcile(
     dead = set(fail_dead_workers(instance, list(started)))
     if dead:
         records = [*records, *instance.get_run_records(filters=RunsFilter(run_ids=list(dead)))]
+    mirrored: set[str] = set()
     for record in records:
         if record.dagster_run.job_name in LEDGER_JOBS:
             result.errors += not _safely(mirror_record, ledger, instance, record)
             result.mirrored += 1
+            mirrored.add(record.dagster_run.run_id)
         stamp = _ts(record.update_timestamp)
         if stamp is not None:
             result.cursor = max(result.cursor or 0.0, stamp.timestamp())
     for row in ledger.active():
-        if row.dagster_run_id is None:
+        if row.dagster_run_id is None or row.dagster_run_id in mirrored:
             continue
         record = instance.get_run_record_by_id(row.dagster_run_id)
         if record is not None:
@@ -446,4 +448,5 @@ def operation_runs_reconciler(context: dg.SensorEvaluationContext, ledger: Ledge
         context.update_cursor(str(result.cursor))
     return dg.SkipReason(
         f"mirrored {result.mirrored} run(s), expired {len(result.expired)} undispatched row(s)"
+        + (f", {result.errors} failed and will be retried" if result.errors else "")
     )
