@@ -49,14 +49,13 @@ def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from atlas_dagster import db
-    from atlas_dagster.resources.database import head_revision
 
     config = _config(args)
     engine = db.engine_for(config.database_url)
     before = db.current_revision(engine)
     db.upgrade(engine)
     db.sync_config(engine, config)
-    print(f"database at revision {head_revision()} (was {before or 'empty'})")
+    print(f"database at revision {db.head_revision()} (was {before or 'empty'})")
     return EXIT_OK
 
 

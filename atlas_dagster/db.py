@@ -6,6 +6,7 @@ engine (pool, dialect setup) per tick would be wasteful.
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 from atlas_dagster import schema
@@ -81,18 +83,52 @@ def alembic_config(engine: Engine | None) -> AlembicConfig:
     return cfg
 
 
+def head_revision() -> str:
+    script = ScriptDirectory.from_config(alembic_config(None))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+@contextmanager
+def _migration_lock(engine: Engine):
+    """Serialise schema upgrades across processes (CLI, daemon, run workers)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_advisory_lock(742001)")
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(742001)")
+                conn.commit()
+        return
+    path = engine.url.database or ""
+    lock_path = path + ".migrate.lock" if path and path != ":memory:" else None
+    if lock_path is None:
+        yield
+        return
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database to ``revision`` (idempotent), then recreate the views.
 
     Views are repeatable: they only read tables, so dropping and recreating them from
     ``schema.VIEWS`` after each upgrade keeps a single definition of each.
     """
-    command.upgrade(alembic_config(engine), revision)
-    with transaction(engine) as conn:
-        for name in schema.VIEWS:
-            conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
-        for name, sql in schema.VIEWS.items():
-            conn.exec_driver_sql(f"CREATE VIEW {name} AS {sql}")
+    with _migration_lock(engine):  # every caller: the CLI, the daemon, run workers
+        command.upgrade(alembic_config(engine), revision)
+        with transaction(engine) as conn:
+            for name in schema.VIEWS:
+                conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
+            for name, sql in schema.VIEWS.items():
+                conn.exec_driver_sql(f"CREATE VIEW {name} AS {sql}")
 
 
 def current_revision(engine: Engine) -> str | None:

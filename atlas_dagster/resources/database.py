@@ -6,21 +6,18 @@ hold a password) is read from the config at run time, so it never shows in the D
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from atlas_dagster import db
 from atlas_dagster.config import AtlasConfig, config_path, load_config
 
 _config_cache: dict[tuple[str, float], AtlasConfig] = {}
-_ready: set[tuple[str, str]] = set()
+_ready: set[AtlasConfig] = set()
 _lock = threading.Lock()
 
 
@@ -37,53 +34,17 @@ def cached_config(path: str | None = None) -> AtlasConfig:
     return config
 
 
-def head_revision() -> str:
-    script = ScriptDirectory.from_config(db.alembic_config(None))
-    head = script.get_current_head()
-    assert head is not None
-    return head
-
-
-@contextmanager
-def _migration_lock(engine: Engine):
-    """Serialise schema upgrades across processes (CLI, daemon, run workers)."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT pg_advisory_lock(742001)")
-            try:
-                yield
-            finally:
-                conn.exec_driver_sql("SELECT pg_advisory_unlock(742001)")
-                conn.commit()
-        return
-    path = engine.url.database or ""
-    lock_path = path + ".migrate.lock" if path and path != ":memory:" else None
-    if lock_path is None:
-        yield
-        return
-    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ready_engine(config: AtlasConfig) -> Engine:
     """An engine whose database is at the head revision and holds the config's entries."""
     engine = db.engine_for(config.database_url)
-    marker = (config.database_url, repr(config))
     with _lock:
-        if marker in _ready:
+        if config in _ready:
             return engine
-    if db.current_revision(engine) != head_revision():
-        with _migration_lock(engine):
-            if db.current_revision(engine) != head_revision():
-                db.upgrade(engine)
+    if db.current_revision(engine) != db.head_revision():
+        db.upgrade(engine)
     db.sync_config(engine, config)
     with _lock:
-        _ready.add(marker)
+        _ready.add(config)
     return engine
 
 
