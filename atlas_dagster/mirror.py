@@ -29,6 +29,7 @@ from atlas_dagster.reasons import (
     failure_of,
 )
 from atlas_dagster.resources.ledger import (
+    JOB_TYPES,
     RUN_TYPES,
     TAG_BACKUP_SCHEDULE,
     TAG_OPERATION_RUN_ID,
@@ -42,18 +43,7 @@ from atlas_dagster.resources.ledger import (
 log = logging.getLogger("atlas_dagster.mirror")
 
 DISPATCH_GRACE = timedelta(minutes=10)
-JOB_TYPES: dict[str, str] = {}
-for _rt in RUN_TYPES.values():
-    # A job shared by several run types (backups) is adopted as its first, user-facing type.
-    JOB_TYPES.setdefault(_rt.job_name, _rt.name)
 LEDGER_JOBS = frozenset(JOB_TYPES)
-
-_QUEUED = {
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.MANAGED,
-}
 
 
 def _ts(value: float | datetime | None) -> datetime | None:

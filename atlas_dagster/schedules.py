@@ -10,13 +10,11 @@ from atlas_dagster.config import AtlasConfig, RefreshSchedule
 from atlas_dagster.connections import sync_partitions
 from atlas_dagster.db import connection_ids
 from atlas_dagster.resources.ledger import (
-    RUN_TYPES,
+    JOB_TYPES,
     TAG_OPERATION_RUN_ID,
     TAG_RUN_TYPE,
     LedgerResource,
 )
-
-_TYPE_BY_JOB = {rt.job_name: rt.name for rt in RUN_TYPES.values()}
 
 
 def dagster_name(prefix: str, key: str) -> str:
@@ -30,7 +28,7 @@ def refresh_schedules(config: AtlasConfig, jobs: dict[str, object]) -> list[dg.S
 
 
 def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
-    run_type = _TYPE_BY_JOB[entry.job]
+    run_type = JOB_TYPES[entry.job]
 
     @dg.schedule(
         name=dagster_name("refresh", entry.key),

@@ -51,6 +51,12 @@ RUN_TYPES: dict[str, RunType] = {
     )
 }
 
+# A job's run type when its runs do not say (the Dagster UI). A job shared by several run types
+# (backups) is its first, user-facing type.
+JOB_TYPES: dict[str, str] = {}
+for _rt in RUN_TYPES.values():
+    JOB_TYPES.setdefault(_rt.job_name, _rt.name)
+
 OUTCOMES = ("pending", "succeeded", "partially_succeeded", "failed", "cancelled")
 TRIGGER_SOURCES = ("cli", "dagster_ui", "schedule", "sensor", "backfill", "api", "demo")
 
