@@ -24,12 +24,11 @@ DetailMode = Literal["collection", "merge"]
 
 @dataclass(frozen=True)
 class TypeRule:
-    """Maps one ``@odata.type`` (optionally narrowed by field values) to a policy type."""
+    """Maps one ``@odata.type`` to a policy type."""
 
     odata_type: str
     policy_type: str
     platform: str | None = None
-    when: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,6 @@ class Contract:
     def relative_url(self, item_id: str | None = None, *, top: int | None = None) -> str:
         """The request path and query (without version root) for this contract."""
         path = self.path.replace("{id}", _quote_id(item_id)) if self.is_item_read else self.path
-        if self.is_item_read and item_id is None:
-            raise ValueError(f"contract {self.key} needs an item id")
         query: list[str] = []
         if self.select:
             query.append("$select=" + ",".join(self.select))
@@ -741,16 +738,9 @@ def classify(contract: Contract, obj: Mapping[str, Any]) -> Classified:
     """Classify one object returned by ``contract`` by its ``@odata.type`` and fields."""
     odata_type = obj.get("@odata.type")
     policy_type, platform = contract.default_policy_type or contract.key, contract.default_platform
-    best = -1
-    for rule in contract.type_rules:
-        if rule.odata_type != odata_type:
-            continue
-        if any(str(obj.get(f)) != v for f, v in rule.when):
-            continue
-        # Prefer the most specific rule (the one with the most field conditions).
-        if len(rule.when) > best:
-            best = len(rule.when)
-            policy_type, platform = rule.policy_type, rule.platform or platform
+    rule = next((r for r in contract.type_rules if r.odata_type == odata_type), None)
+    if rule is not None:
+        policy_type, platform = rule.policy_type, rule.platform or platform
     if contract.platform_field and obj.get(contract.platform_field):
         platform = _normalise_platform(obj[contract.platform_field])
     return Classified(policy_type, platform, is_builtin(contract, obj))

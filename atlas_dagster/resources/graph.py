@@ -281,7 +281,7 @@ _registry_lock = threading.Lock()
 _buckets: dict[str, TokenBucket] = {}
 
 
-def bucket_for(tenant: str, family: str = "intune") -> TokenBucket:
+def bucket_for(tenant: str, family: str) -> TokenBucket:
     """The process's bucket for one tenant and one of Graph's throttling budgets."""
     with _registry_lock:
         bucket = _buckets.get(f"{tenant}|{family}")
@@ -619,14 +619,12 @@ class GraphClient:
 
     # -- public reads ----------------------------------------------------------------------
 
-    def pages(
-        self, contract_key: str, *, item_id: str | None = None, top: int | None = None
-    ) -> Iterator[list[dict[str, Any]]]:
+    def pages(self, contract_key: str) -> Iterator[list[dict[str, Any]]]:
         """Stream a collection page by page, following ``@odata.nextLink`` verbatim."""
         contract = self._contract(contract_key)
         if contract.paging == "delta":
             raise ValueError(f"{contract_key} is a delta contract; use delta()")
-        url: str | None = self._url(contract, contract.relative_url(item_id, top=top))
+        url: str | None = self._url(contract, contract.relative_url())
         while url is not None:
             data = self._request(contract, url)
             yield self._page_value(contract, data)
