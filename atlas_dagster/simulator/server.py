@@ -264,6 +264,7 @@ class GraphSimulator:
             reply = self._batch(request, version, claims, base, ids)
         else:
             reply = self._route(
+                (key, item_id),
                 request.method,
                 version,
                 rest,
@@ -284,6 +285,7 @@ class GraphSimulator:
 
     def _route(
         self,
+        route: tuple[str | None, str | None],
         method: str,
         version: str,
         rest: str,
@@ -293,7 +295,7 @@ class GraphSimulator:
         ids: tuple[str, str],
         prefer: str | None = None,
     ) -> _Reply:
-        key, item_id = _ROUTER.match(version, rest)
+        key, item_id = route  # as _ROUTER matched it
         if key is None or key == "batch":
             segment = rest.rstrip("/").rsplit("/", 1)[-1]
             return _Reply(
@@ -312,7 +314,7 @@ class GraphSimulator:
             )
         missing = granted(contract.permissions, claims.get("roles") or [])
         if missing:
-            return self._forbidden(contract, rest, missing, ids)
+            return self._forbidden(rest, missing, ids)
         params = parse_qsl(query, keep_blank_values=True)
         try:
             options = self._options(contract, params)
@@ -371,7 +373,7 @@ class GraphSimulator:
         if contract.is_item_read:
             parent = self._parent_object(contract, item_id)
             if parent is None:
-                return self._not_found(contract, rest, item_id, ids)
+                return self._not_found(rest, item_id, ids)
             source = parent.get(contract.path.rsplit("/", 1)[1]) or []
             context = f"{_entity_set(contract)}('{item_id}')/{contract.path.rsplit('/', 1)[1]}"
         else:
@@ -411,7 +413,7 @@ class GraphSimulator:
     ) -> _Reply:
         stored = self._parent_object(contract, item_id)
         if stored is None:
-            return self._not_found(contract, contract.path, item_id, ids)
+            return self._not_found(contract.path, item_id, ids)
         body = {
             "@odata.context": f"{base}/{version}/$metadata#{_entity_set(contract)}/$entity",
             **shape(stored, options["shape"], item_read=True),
@@ -569,14 +571,14 @@ class GraphSimulator:
         else:
             target = url if url.startswith("/") else "/" + url
             rest, _, query = target.partition("?")
-            key, _ = _ROUTER.match(version, rest)
-            self.stats.per_contract[key or "unmatched"] += 1
+            route = _ROUTER.match(version, rest)
+            self.stats.per_contract[route[0] or "unmatched"] += 1
             fault = self.faults.decide(target, sub_request=True)
             if fault is not None:
                 self.stats.faults_injected += 1
                 reply = self._fault_reply("504" if fault == "timeout" else fault, sub_ids)
             else:
-                reply = self._route(method, version, rest, query, claims, base, sub_ids)
+                reply = self._route(route, method, version, rest, query, claims, base, sub_ids)
         headers = {"Content-Type": JSON_TYPE, "Cache-Control": "no-cache", **reply.headers}
         return {"status": reply.status, "headers": headers, "body": reply.body}
 
@@ -629,9 +631,7 @@ class GraphSimulator:
         }
         return json.dumps(inner, indent=2).replace("\n", "\r\n")
 
-    def _forbidden(
-        self, contract: Contract, path: str, missing: list[str], ids: tuple[str, str]
-    ) -> _Reply:
+    def _forbidden(self, path: str, missing: list[str], ids: tuple[str, str]) -> _Reply:
         if path.lower().startswith(("/devicemanagement", "/deviceappmanagement")):
             scopes = ", ".join(
                 name for m in missing for name in (m, m.replace(".Read.", ".ReadWrite."))
@@ -660,9 +660,7 @@ class GraphSimulator:
             ),
         )
 
-    def _not_found(
-        self, contract: Contract, path: str, item_id: str | None, ids: tuple[str, str]
-    ) -> _Reply:
+    def _not_found(self, path: str, item_id: str | None, ids: tuple[str, str]) -> _Reply:
         text = f"Resource with id '{item_id}' was not found"
         return _Reply(
             404, self._error("ResourceNotFound", self._intune_message(text, path, ids), ids)

@@ -1,8 +1,9 @@
 """A simulated Microsoft 365 tenant: Intune policies and Entra ID groups, deterministic from a
 size profile and a seed, and mutable between syncs.
 
-Policies are materialised per contract on first use (each contract from its own seeded random
-stream, so the order of use does not matter). Groups are never materialised: group ``i`` is
+Policies are materialised per contract on first use, each contract from its own seeded random
+stream (so the order of use does not matter while the groups, which assignments draw from, are
+unchanged). Groups are never materialised: group ``i`` is
 regenerated from ``(seed, i)`` on demand, and edits, additions and deletions live in an overlay.
 Every group change appends to a change log whose sequence numbers delta tokens refer to.
 """
@@ -141,9 +142,8 @@ class SimulatedTenant:
     @property
     def group_count(self) -> int:
         with self.lock:
-            deleted_base = sum(1 for g in self._deleted_groups if g not in self._added_groups)
-            deleted_added = len(self._deleted_groups) - deleted_base
-            return self.spec.groups - deleted_base + len(self._added_groups) - deleted_added
+            # Every deleted id is a base or an added group, deleted once.
+            return self.spec.groups + len(self._added_groups) - len(self._deleted_groups)
 
     def _base_group_id(self, index: int) -> str:
         digest = hashlib.blake2b(f"{self.seed}|{index}".encode(), digest_size=10).hexdigest()
@@ -260,6 +260,7 @@ class SimulatedTenant:
         with self.lock:
             group_id = p.guid(self._ids)
             nickname = f"new-group-{len(self._added_order)}"
+            created = self._tick()[:19] + "Z"
             group = self.base_group(0) | {
                 "id": group_id,
                 "displayName": display_name or f"SG-New-{len(self._added_order):04d}",
@@ -272,7 +273,9 @@ class SimulatedTenant:
                 "membershipRule": None,
                 "membershipRuleProcessingState": None,
                 "proxyAddresses": [],
-                "createdDateTime": self._tick()[:19] + "Z",
+                "createdDateTime": created,
+                "renewedDateTime": created,
+                "securityIdentifier": f"S-1-12-1-{int(group_id[:8], 16)}-{int(group_id[9:13], 16)}",
                 **fields,
             }
             self._added_groups[group_id] = group
