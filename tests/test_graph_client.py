@@ -597,6 +597,23 @@ def test_batch_sub_request_next_link_to_foreign_host_is_refused():
     assert len(seen) == 1
 
 
+def test_batch_sub_request_403_names_the_contract_permission_like_a_plain_request():
+    def answer(sub, _call):
+        return {
+            "status": 403,
+            "headers": {"request-id": "rq-7"},
+            "body": {"error": {"code": "Forbidden", "message": "Access denied."}},
+        }
+
+    handler, _ = batch_handler(answer)
+    client, _, _ = make(handler)
+    with pytest.raises(GraphError) as err:
+        list(client.read_details("powershell_scripts.item", ["s1"]))
+    assert err.value.reason_code == reasons.PROVIDER_PERMISSION_DENIED
+    assert "requires DeviceManagementConfiguration.Read.All" in err.value.message
+    assert "item s1" in err.value.message and err.value.request_id == "rq-7"
+
+
 def test_batch_item_that_finally_fails_raises():
     handler, _ = batch_handler(
         lambda sub, _c: {"status": 404, "body": {"error": {"code": "NotFound", "message": "no"}}}

@@ -207,8 +207,9 @@ def missing_scopes(message: str) -> list[str]:
     return list(dict.fromkeys(_SCOPE_NAME.findall(match.group(1))))
 
 
-def classify_error(status: int, body: Any) -> tuple[str, str]:
-    """The reason code and a one-line message for a failed (non-retryable) Graph response."""
+def classify_error(status: int, body: Any, required: tuple[str, ...] = ()) -> tuple[str, str]:
+    """The reason code and a one-line message for a failed (non-retryable) Graph response. A 403
+    that names no permission is explained by ``required``, the contract's own."""
     code, message = parse_error_body(body)
     described = f"{code}: {message}" if code and message else (code or message or "no details")
     if status == 403:
@@ -221,6 +222,8 @@ def classify_error(status: int, body: Any) -> tuple[str, str]:
                 reasons.PROVIDER_PERMISSION_DENIED,
                 f"missing permission (needs one of: {', '.join(scopes)}); {described}",
             )
+        if required:
+            described = f"missing permission (requires {', '.join(required)}); {described}"
         return reasons.PROVIDER_PERMISSION_DENIED, described
     if status == 401:
         return reasons.PROVIDER_AUTH_FAILED, described
@@ -530,29 +533,21 @@ class GraphClient:
             )
             ids = {"request_id": request_id, "client_request_id": client_request_id}
             if status in RETRY_STATUSES:
-                if attempt >= MAX_ATTEMPTS:
-                    reason = (
-                        reasons.PROVIDER_THROTTLED
-                        if status == 429
-                        else reasons.PROVIDER_UNAVAILABLE
-                    )
-                    raise GraphError(
-                        reason,
-                        f"{contract.key}: HTTP {status} after {attempt} attempts",
-                        contract_key=contract.key,
-                        status=status,
-                        **ids,
-                    )
-                self._count_retry(status)
-                delay = retry_after_seconds(response.headers.get("Retry-After"))
-                self._sleep(delay if delay is not None else backoff_seconds(attempt, self._rng))
+                retry_after = response.headers.get("Retry-After")
+                self._sleep(
+                    self._retry_delay(contract, status, attempt, retry_after, f"HTTP {status}", ids)
+                )
                 continue
             if status == 401 and not refreshed:
                 refreshed = force_token = True
                 self.stats.retries += 1
                 continue
             if status >= 400:
-                raise self._error(contract, response, **ids)
+                try:
+                    failed_body = response.json()
+                except ValueError:
+                    failed_body = None
+                raise self._failure(contract, status, failed_body, "", ids)
             try:
                 data = response.json()
                 if not isinstance(data, dict):
@@ -573,30 +568,37 @@ class GraphClient:
                 continue
             return data
 
-    def _count_retry(self, status: int) -> None:
+    def _retry_delay(
+        self,
+        contract: Contract,
+        status: int,
+        attempts: int,
+        retry_after: str | None,
+        failing: str,
+        ids: dict[str, Any],
+    ) -> float:
+        """The wait before retrying a 429/503/504 (its Retry-After, else jittered backoff),
+        counted as a retry; a GraphError once the attempts are spent."""
+        if attempts >= MAX_ATTEMPTS:
+            raise GraphError(
+                reasons.PROVIDER_THROTTLED if status == 429 else reasons.PROVIDER_UNAVAILABLE,
+                f"{contract.key}: {failing} after {attempts} attempts",
+                contract_key=contract.key,
+                status=status or None,
+                **ids,
+            )
         self.stats.retries += 1
         if status == 429:
             self.stats.throttled_retries += 1
+        delay = retry_after_seconds(retry_after)
+        return delay if delay is not None else backoff_seconds(attempts, self._rng)
 
-    def _error(
-        self,
-        contract: Contract,
-        response: httpx.Response,
-        *,
-        request_id: str | None,
-        client_request_id: str | None,
+    @staticmethod
+    def _failure(
+        contract: Contract, status: int, body: Any, where: str, ids: dict[str, Any]
     ) -> GraphError:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        status = response.status_code
-        kw = {
-            "contract_key": contract.key,
-            "status": status,
-            "request_id": request_id,
-            "client_request_id": client_request_id,
-        }
+        """The GraphError of a failed response or sub-response (``where`` names the item)."""
+        kw = {"contract_key": contract.key, "status": status, **ids}
         if contract.paging == "delta" and is_delta_expired(status, body):
             _, message = parse_error_body(body)
             return DeltaExpired(
@@ -605,10 +607,8 @@ class GraphClient:
                 f"needed{': ' + message if message else ''}",
                 **kw,
             )
-        reason, message = classify_error(status, body)
-        if reason == reasons.PROVIDER_PERMISSION_DENIED and "needs one of" not in message:
-            message = f"missing permission (requires {', '.join(contract.permissions)}); {message}"
-        return GraphError(reason, f"{contract.key}: HTTP {status}: {message}", **kw)
+        reason, message = classify_error(status, body, contract.permissions)
+        return GraphError(reason, f"{contract.key}: {where}HTTP {status}: {message}", **kw)
 
     @staticmethod
     def _contract(contract_key: str) -> Contract:
@@ -760,34 +760,22 @@ class GraphClient:
         headers = {str(k).lower(): v for k, v in ((response or {}).get("headers") or {}).items()}
         body = (response or {}).get("body")
         retryable = response is None or status in RETRY_STATUSES
+        ids = {
+            "request_id": headers.get("request-id"),
+            "client_request_id": headers.get("client-request-id"),
+        }
         if retryable:
-            if pending.attempts >= MAX_ATTEMPTS:
-                reason = (
-                    reasons.PROVIDER_THROTTLED if status == 429 else reasons.PROVIDER_UNAVAILABLE
-                )
-                raise GraphError(
-                    reason,
-                    f"{contract.key}: item {pending.item_id} still HTTP {status or 'missing'} "
-                    f"after {pending.attempts} attempts",
-                    contract_key=contract.key,
-                    status=status or None,
-                )
-            self._count_retry(status)
-            after = retry_after_seconds(headers.get("retry-after"))
-            pending.delay = (
-                after if after is not None else backoff_seconds(pending.attempts, self._rng)
+            pending.delay = self._retry_delay(
+                contract,
+                status,
+                pending.attempts,
+                headers.get("retry-after"),
+                f"item {pending.item_id} still HTTP {status or 'missing'}",
+                ids,
             )
             return None
         if status >= 400:
-            reason, message = classify_error(status, body)
-            raise GraphError(
-                reason,
-                f"{contract.key}: item {pending.item_id}: HTTP {status}: {message}",
-                contract_key=contract.key,
-                status=status,
-                request_id=headers.get("request-id"),
-                client_request_id=headers.get("client-request-id"),
-            )
+            raise self._failure(contract, status, body, f"item {pending.item_id}: ", ids)
         if not isinstance(body, dict):
             raise GraphError(
                 reasons.PROVIDER_BAD_RESPONSE,
