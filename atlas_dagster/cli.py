@@ -137,30 +137,30 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from atlas_dagster.db import connection_ids
     from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.resources.ledger import OperationLedger
-    from atlas_dagster.starts import _connection_id
 
     config = _config(args)
     engine = ready_engine(config)
     ledger = OperationLedger(engine)
+    ids = connection_ids(engine)
     if args.id is not None:
         row = ledger.get(args.id)
         if row is None:
             raise UsageError(f"no operation run #{args.id}")
         rows = [row]
     else:
-        try:
-            conn_id = _connection_id(engine, args.connection) if args.connection else None
-        except StartError as exc:
-            raise UsageError(str(exc)) from None
+        if args.connection and args.connection not in ids:
+            raise UsageError(f"no provider connection {args.connection!r} in the database")
+        conn_id = ids[args.connection] if args.connection else None
         rows = ledger.list(
             provider_connection_id=conn_id, type=args.type, status=args.status, limit=args.limit
         )
     if args.json:
         _print_json([r.to_dict() for r in rows])
         return EXIT_OK
-    keys = _connection_keys(engine)
+    keys = {v: k for k, v in ids.items()}
     print(
         _table(
             [
@@ -189,12 +189,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK
-
-
-def _connection_keys(engine: Any) -> dict[int, str]:
-    from atlas_dagster.db import connection_ids
-
-    return {v: k for k, v in connection_ids(engine).items()}
 
 
 # --- verify / demo ---------------------------------------------------------------------------

@@ -16,12 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
-import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.dagster_run import RunRecord
 from sqlalchemy.exc import IntegrityError
 
-from atlas_dagster import schema
+from atlas_dagster import db, schema
 from atlas_dagster.reasons import (
     RUN_CANCELLED,
     RUN_CRASHED,
@@ -133,11 +132,7 @@ def _adopt(
 
 
 def _connection_id(ledger: OperationLedger, key: str | None) -> int | None:
-    if not key:
-        return None
-    pc = schema.provider_connections
-    with ledger.engine.connect() as conn:
-        return conn.execute(sa.select(pc.c.id).where(pc.c.key == key)).scalar()
+    return db.connection_ids(ledger.engine).get(key) if key else None
 
 
 def _crash_failure(instance: DagsterInstance, run_id: str) -> dict[str, Any]:

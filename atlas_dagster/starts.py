@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import sqlalchemy as sa
 
-from atlas_dagster import schema
+from atlas_dagster import db
+from atlas_dagster.backup_store import find_schedule
 from atlas_dagster.config import AtlasConfig
 from atlas_dagster.connections import sync_partitions
 from atlas_dagster.mirror import mirror_run_id
@@ -71,21 +71,6 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-def _connection_id(engine: sa.Engine, key: str) -> int:
-    pc = schema.provider_connections
-    with engine.connect() as conn:
-        found = conn.execute(sa.select(pc.c.id).where(pc.c.key == key)).scalar()
-    if found is None:
-        raise StartError(f"no provider connection {key!r} in the database")
-    return int(found)
-
-
-def _schedule_row(engine: sa.Engine, key: str) -> Any:
-    bs = schema.backup_schedules
-    with engine.connect() as conn:
-        return conn.execute(sa.select(bs).where(bs.c.key == key)).first()
-
-
 def start_operation(
     config: AtlasConfig,
     run_type: str,
@@ -112,17 +97,16 @@ def start_operation(
 
     if rt.needs_schedule:
         if retry_of is not None:
-            schedule = schedule or _retry_schedule(ledger, engine, retry_of, run_type)
+            schedule = schedule or _retry_schedule(ledger, retry_of)
         if not schedule:
             raise StartError(f"{run_type} needs --schedule")
-        srow = _schedule_row(engine, schedule)
-        if srow is None or schedule not in {s.key for s in config.backup_schedules}:
-            raise StartError(f"no backup schedule {schedule!r} in the config")
-        pc = schema.provider_connections
-        with engine.connect() as conn:
-            conn_key = conn.execute(
-                sa.select(pc.c.key).where(pc.c.id == srow.provider_connection_id)
-            ).scalar_one()
+        try:
+            conn_key = config.schedule(schedule).provider_connection
+        except KeyError:
+            raise StartError(f"no backup schedule {schedule!r} in the config") from None
+        # ready_engine wrote the config's schedules into the database.
+        srow = find_schedule(engine, key=schedule)
+        assert srow is not None
         if connection and connection != conn_key:
             raise StartError(f"schedule {schedule!r} belongs to connection {conn_key!r}")
         connection = conn_key
@@ -142,7 +126,7 @@ def start_operation(
         raise StartError(f"{run_type} needs --connection")
     if connection not in {c.key for c in config.provider_connections}:
         raise StartError(f"no provider connection {connection!r} in the config ({config.source})")
-    conn_id = _connection_id(engine, connection)
+    conn_id = db.connection_ids(engine)[connection]  # ready_engine wrote the config's entries
     context["provider_connection_key"] = connection
 
     started = ledger.start(
@@ -169,9 +153,7 @@ def start_operation(
     return StartOutcome(row, created=True, dispatched=True)
 
 
-def _retry_schedule(
-    ledger: OperationLedger, engine: sa.Engine, retry_of: int, run_type: str
-) -> str:
+def _retry_schedule(ledger: OperationLedger, retry_of: int) -> str:
     original = ledger.get(retry_of)
     if original is None or not original.type.startswith("backup_schedule."):
         raise StartError(f"operation run #{retry_of} is not a backup run")
