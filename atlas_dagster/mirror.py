@@ -18,7 +18,6 @@ from typing import Any
 import dagster as dg
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.dagster_run import RunRecord
-from sqlalchemy.exc import IntegrityError
 
 from atlas_dagster import db, schema
 from atlas_dagster.reasons import (
@@ -88,20 +87,17 @@ def _adopt(
     ledger: OperationLedger, run: dg.DagsterRun, created_at: datetime | None
 ) -> OperationRun:
     tags = dict(run.tags)
-    run_type = tags.get(TAG_RUN_TYPE) or JOB_TYPES[run.job_name]
-    if run_type not in RUN_TYPES or RUN_TYPES[run_type].job_name != run.job_name:
-        run_type = JOB_TYPES[run.job_name]
-    if RUN_TYPES[run_type].identity == "strict":
-        # Scheduled rows are always created by their schedule before the run: an untagged
-        # backup run was started by hand.
-        run_type = JOB_TYPES[run.job_name]
+    rt = RUN_TYPES.get(tags.get(TAG_RUN_TYPE, ""))
+    # Scheduled rows are always created by their schedule before the run: an untagged scheduled
+    # backup was started by hand, as the job's user-facing type.
+    if rt is None or rt.job_name != run.job_name or rt.identity == "strict":
+        rt = RUN_TYPES[JOB_TYPES[run.job_name]]
     partition = tags.get("dagster/partition")
     conn_id = _connection_id(ledger, partition)
     trigger_source, initiator = _trigger(tags)
     context: dict[str, Any] = {"provider_connection_key": partition, "adopted": True}
     if tags.get(TAG_BACKUP_SCHEDULE):
         context["backup_schedule_key"] = tags[TAG_BACKUP_SCHEDULE]
-    rt = RUN_TYPES[run_type]
     placeholder = None
     if rt.identity == "deterministic":
         # The run may be queued behind the holder of its identity (the per-tenant concurrency
@@ -113,22 +109,17 @@ def _adopt(
         placeholder = hashlib.sha256(f"adopted:{run.run_id}".encode()).hexdigest()
     else:
         context["nonce"] = run.run_id
-    try:
-        return ledger.start(
-            run_type,
-            provider_connection_id=conn_id,
-            trigger_source=trigger_source,
-            initiator=initiator,
-            context=context,
-            dagster_run_id=run.run_id,
-            created_at=created_at,
-            identity=placeholder,
-        ).row
-    except IntegrityError:
-        row = ledger.find_by_dagster_run(run.run_id)
-        if row is None:
-            raise
-        return row
+    # A concurrent adoption of the same run is settled inside start (found by its run id).
+    return ledger.start(
+        rt.name,
+        provider_connection_id=conn_id,
+        trigger_source=trigger_source,
+        initiator=initiator,
+        context=context,
+        dagster_run_id=run.run_id,
+        created_at=created_at,
+        identity=placeholder,
+    ).row
 
 
 def _connection_id(ledger: OperationLedger, key: str | None) -> int | None:

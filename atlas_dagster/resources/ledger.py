@@ -84,10 +84,6 @@ class OperationRun:
     completed_at: datetime | None
     updated_at: datetime
 
-    @property
-    def active(self) -> bool:
-        return self.status in schema.ACTIVE_STATUSES
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for k, v in out.items():
@@ -198,7 +194,6 @@ class OperationLedger:
         provider_connection_id: int | None = None,
         type: str | None = None,
         status: str | None = None,
-        since: datetime | None = None,
         limit: int = 100,
     ) -> list[OperationRun]:
         q = sa.select(self.t).order_by(self.t.c.id.desc()).limit(limit)
@@ -208,8 +203,6 @@ class OperationLedger:
             q = q.where(self.t.c.type == type)
         if status is not None:
             q = q.where(self.t.c.status == status)
-        if since is not None:
-            q = q.where(self.t.c.created_at >= since)
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(q)]
 
@@ -229,7 +222,6 @@ class OperationLedger:
         initiator: str,
         context: Mapping[str, Any] | None = None,
         dagster_run_id: str | None = None,
-        status: str = "queued",
         created_at: datetime | None = None,
         identity: str | None = None,
     ) -> Started:
@@ -261,7 +253,7 @@ class OperationLedger:
         values = {
             "provider_connection_id": provider_connection_id,
             "type": rt.name,
-            "status": status,
+            "status": "queued",
             "outcome": "pending",
             "run_identity_hash": digest,
             "context": ctx,
@@ -271,7 +263,7 @@ class OperationLedger:
             "initiator": initiator,
             "dagster_run_id": dagster_run_id,
             "created_at": now,
-            "started_at": now if status == "running" else None,
+            "started_at": None,
             "updated_at": now,
         }
         # Insert-or-find, retried because the active row we collided with may complete between
@@ -376,17 +368,15 @@ class OperationLedger:
         outcome: str,
         *,
         failures: Iterable[Mapping[str, Any]] = (),
-        summary_counts: Mapping[str, Any] | None = None,
         started_at: datetime | None = None,
         completed_at: datetime | None = None,
-        dagster_run_id: str | None = None,
     ) -> bool:
         """Complete an active row. A completed row never changes again: returns False then."""
         if outcome not in OUTCOMES or outcome == "pending":
             raise LedgerError(f"not a terminal outcome: {outcome!r}")
         with self.engine.begin() as conn:
             r = conn.execute(
-                sa.select(self.t.c.summary_counts, self.t.c.failure_summary)
+                sa.select(self.t.c.failure_summary)
                 .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
                 .with_for_update()
             ).first()
@@ -401,10 +391,6 @@ class OperationLedger:
                 "updated_at": schema.utcnow(),
                 "failure_summary": list(r.failure_summary or []) + [dict(f) for f in failures],
             }
-            if summary_counts:
-                values["summary_counts"] = {**(r.summary_counts or {}), **summary_counts}
-            if dagster_run_id:
-                values["dagster_run_id"] = dagster_run_id
             result = conn.execute(
                 self.t.update()
                 .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
