@@ -626,14 +626,13 @@ def diff_sets(engine: Engine, a: int, b: int) -> SetDiff:
     return result
 
 
-def change_counts(engine: Engine, previous: BackupSet | None, current_id: int) -> dict[str, int]:
+def change_counts(engine: Engine, previous: BackupSet | None, current: BackupSet) -> dict[str, int]:
     """Policies added, removed and changed since ``previous`` (by content hash), over the types
     both sets hold completely."""
-    current = require_set(engine, current_id)
     if previous is None:
         return {"added": current.item_count, "removed": 0, "changed": 0}
     types = previous.covered_types & current.covered_types
-    old, new = set_items(engine, previous.id, types), set_items(engine, current_id, types)
+    old, new = set_items(engine, previous.id, types), set_items(engine, current.id, types)
     return {
         "added": len(new.keys() - old.keys()),
         "removed": len(old.keys() - new.keys()),

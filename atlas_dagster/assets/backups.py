@@ -327,13 +327,13 @@ def backups(
         summary = run_backup(
             engine, graph.client(connection), plan, set_id, handle, log=context.log
         )
-        current = store.require_set(engine, set_id)
-        summary.changes = store.change_counts(engine, store.previous_set(engine, current), set_id)
         if summary.status == store.SET_FAILED:
             handle.progress(**summary.counts())
             first = summary.results[0].error
             assert first is not None
             raise AtlasError(first.reason_code, f"every policy type failed; first: {first}")
+        current = store.require_set(engine, set_id)
+        summary.changes = store.change_counts(engine, store.previous_set(engine, current), current)
         summary.retention = store.apply_retention(engine, schedule.id, schedule.retention_days)
         handle.progress(**summary.counts(), changed_since_previous=summary.changes)
         yield dg.MaterializeResult(metadata=_metadata(summary, handle))

@@ -151,6 +151,8 @@ class InventoryWriter:
             items.append(row)
             assignments.extend(rows)
             changed.append(external_id)
+        if not (items or unchanged):
+            return  # no transaction (on SQLite, no write lock) for an empty chunk
         t, a = schema.inventory_items, schema.inventory_assignments
         with self.engine.begin() as conn:
             if items:
