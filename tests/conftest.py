@@ -12,6 +12,12 @@ import sqlalchemy as sa
 
 from atlas_dagster import db
 from atlas_dagster.resources.database import forget_ready_engines
+from atlas_dagster.simulator import (
+    GraphSimulator,
+    SimulatedTenant,
+    install_simulator,
+    uninstall_simulator,
+)
 
 PG_ADMIN_URL = os.environ.get(
     "ATLAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -129,6 +135,16 @@ backup_schedules:
 {extra}"""
     )
     return path
+
+
+@pytest.fixture
+def contoso_sim() -> Iterator[GraphSimulator]:
+    """The simulated tenant behind write_config's "contoso" connection, removed afterwards so a
+    test's changes to it (faults, permissions) never reach another test."""
+    sim = GraphSimulator(SimulatedTenant.generate("small", 3))
+    install_simulator("contoso", sim)
+    yield sim
+    uninstall_simulator("contoso")
 
 
 @pytest.fixture(autouse=True)

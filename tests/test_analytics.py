@@ -10,15 +10,13 @@ from atlas_dagster.assets.inventory import run_inventory_sync
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import client_for
 from atlas_dagster.resources.ledger import OperationLedger
-from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
 from tests.conftest import write_config
 
 
-def test_views_as_dataframes(tmp_path, database_url):
+def test_views_as_dataframes(tmp_path, database_url, contoso_sim):
     cfg = write_config(tmp_path / "atlas.yaml", database_url)
     database = DatabaseResource(config_path=str(cfg))
     engine = database.engine()
-    install_simulator("contoso", GraphSimulator(SimulatedTenant.generate("small", 3)))
     client = client_for(database.config().connection("contoso"))
     conn_id = db.connection_ids(engine)["contoso"]
     run_groups_sync(engine, client, conn_id)

@@ -15,11 +15,12 @@ from atlas_dagster.connections import (
 from atlas_dagster.db import connection_ids
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import client_for
-from atlas_dagster.simulator import GraphSimulator, SimulatedTenant, install_simulator
 from tests.conftest import write_config
 
 
-def test_inventory_freshness_fails_until_synced_and_after_26_hours(tmp_path, sqlite_url):
+def test_inventory_freshness_fails_until_synced_and_after_26_hours(
+    tmp_path, sqlite_url, contoso_sim
+):
     from atlas_dagster.assets.inventory import run_inventory_sync
 
     cfg = write_config(tmp_path / "atlas.yaml", sqlite_url)
@@ -29,7 +30,6 @@ def test_inventory_freshness_fails_until_synced_and_after_26_hours(tmp_path, sql
     assert not never.passed
     assert never.metadata["stale_connections"].value == ["contoso"]
 
-    install_simulator("contoso", GraphSimulator(SimulatedTenant.generate("small", 3)))
     client = client_for(database.config().connection("contoso"))
     run_inventory_sync(engine, client, connection_ids(engine)["contoso"], None)
     assert inventory_fresh(dg.build_asset_check_context(), database=database).passed
@@ -41,13 +41,12 @@ def test_inventory_freshness_fails_until_synced_and_after_26_hours(tmp_path, sql
     assert not stale.passed and stale.metadata["hours_since_refresh"].value["contoso"] > 26
 
 
-def test_groups_sync_makes_groups_fresh(tmp_path, sqlite_url):
+def test_groups_sync_makes_groups_fresh(tmp_path, sqlite_url, contoso_sim):
     from atlas_dagster.assets.directory_groups import directory_groups_fresh
 
     cfg = write_config(tmp_path / "atlas.yaml", sqlite_url)
     database = DatabaseResource(config_path=str(cfg))
     assert not directory_groups_fresh(dg.build_asset_check_context(), database=database).passed
-    install_simulator("contoso", GraphSimulator(SimulatedTenant.generate("small", 3)))
     engine = database.engine()
     run_groups_sync(
         engine,

@@ -19,10 +19,6 @@ from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import client_for
 from atlas_dagster.simulator import (
     FaultPlan,
-    GraphSimulator,
-    SimulatedTenant,
-    install_simulator,
-    uninstall_simulator,
 )
 from atlas_dagster.simulator import server as simulator_server
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
@@ -30,7 +26,7 @@ from tests.conftest import write_config
 
 
 @pytest.fixture
-def setup(tmp_path, database_url, monkeypatch):
+def setup(tmp_path, database_url, monkeypatch, contoso_sim):
     # Delta pages of 10 and batches of 4 pages (40 rows): every groups sync here goes through
     # the writer's pipeline many times.
     monkeypatch.setattr(simulator_server, "DELTA_PAGE_MAX", 10)
@@ -38,11 +34,13 @@ def setup(tmp_path, database_url, monkeypatch):
     cfg = write_config(tmp_path / "atlas.yaml", database_url, "mass_deletion_threshold: 1.0\n")
     database = DatabaseResource(config_path=str(cfg))
     engine = database.engine()
-    sim = GraphSimulator(SimulatedTenant.generate("small", 3))
-    install_simulator("contoso", sim)
+    sim = contoso_sim
     client = client_for(database.config().connection("contoso"))
-    # Faults count requests, not time: every retry still happens, without waiting it out.
+    # Faults count requests, not time: every retry still happens, without waiting it out. Pacing
+    # is skipped too: unslept, it would leave the process-wide Intune bucket in debt for the
+    # next test of this worker (pacing has its own tests in test_graph_client).
     monkeypatch.setattr(client, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(client, "_pace", lambda contract, units: None)
     yield {
         "engine": engine,
         "sim": sim,
@@ -50,7 +48,6 @@ def setup(tmp_path, database_url, monkeypatch):
         "conn_id": db.connection_ids(engine)["contoso"],
         "database": database,
     }
-    uninstall_simulator("contoso")
 
 
 def cached_items(engine, conn_id) -> dict[tuple[str, str], str]:

@@ -16,7 +16,7 @@ from atlas_dagster.definitions import build_definitions
 from atlas_dagster.readiness import latest_checks
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.ledger import OperationLedger
-from atlas_dagster.simulator import FaultPlan, GraphSimulator, SimulatedTenant, install_simulator
+from atlas_dagster.simulator import FaultPlan
 from atlas_dagster.starts import start_operation
 from graph_contracts import CONTRACTS
 from tests.conftest import write_config
@@ -25,12 +25,11 @@ APPS = "DeviceManagementApps.Read.All"
 
 
 @pytest.fixture
-def env(tmp_path, database_url):
+def env(tmp_path, database_url, contoso_sim):
     cfg = write_config(tmp_path / "atlas.yaml", database_url)
     database = DatabaseResource(config_path=str(cfg))
     config = database.config()
-    sim = GraphSimulator(SimulatedTenant.generate("small", 3))
-    install_simulator("contoso", sim)
+    sim = contoso_sim
     with dg.instance_for_test() as instance:
         sync_partitions(instance, ["contoso"])
         yield {
