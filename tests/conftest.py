@@ -76,19 +76,9 @@ def drop_pg_database(url: str) -> None:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path: Path) -> Iterator[str]:
+def database_url(request) -> str:
     """A private, empty database on each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'atlas.db'}"
-        yield url
-        _dispose(url)
-        return
-    url = create_pg_database()
-    try:
-        yield url
-    finally:
-        _dispose(url)
-        drop_pg_database(url)
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 @pytest.fixture
