@@ -15,7 +15,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from atlas_dagster.config import load_config
-from atlas_dagster.db import engine_for
+from atlas_dagster.db import engine_for, read_connection
 
 
 def _engine(database_url: str | None) -> sa.Engine:
@@ -43,7 +43,8 @@ def _query(
 
 
 def _read(query: sa.Select, database_url: str | None) -> pd.DataFrame:
-    with _engine(database_url).connect() as conn:
+    # A read connection whatever pandas runs first: it never waits for a writer.
+    with read_connection(_engine(database_url)) as conn:
         return pd.read_sql_query(query, conn)
 
 

@@ -5,6 +5,11 @@ whitespace). It is keyed by ``graph_contracts.content_hash`` — the hash invent
 ignores volatile fields and the order of unordered arrays — so a policy that did not change costs
 no new payload storage, and its payload is the one first seen with that content.
 
+Payloads are JSON text, in which a NUL is the escape ``\\u0000``, so they hold any string Graph
+returns on both backends and export exactly; a display name (for people) shows a NUL as ``␀``
+(``bulk.text_cell``). An object the store cannot hold fails its whole type, by name (see
+``item_record``): a set never claims a type it holds only part of.
+
 Each item also points at a small JSON document (in the same payload table) naming the groups and
 filters its assignments targeted, resolved from the cached tables when the backup was taken.
 
@@ -29,6 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from atlas_dagster import bulk, schema
+from atlas_dagster.reasons import PROVIDER_BAD_RESPONSE, GraphError, one_line
 from graph_contracts import (
     CONTRACTS,
     UNORDERED_ARRAYS,
@@ -128,17 +134,39 @@ def item_record(
     groups: Mapping[str, str],
     filters: Mapping[str, str],
 ) -> ItemRecord:
-    names = assignment_names(obj, groups, filters)
-    names_text = canonical_json(names) if names is not None else None
-    return ItemRecord(
+    """One object as the store keeps it. An object it cannot hold raises GraphError
+    (``provider_bad_response``) naming the contract and the object."""
+    external_id = str(obj["id"])
+    try:
+        names = assignment_names(obj, groups, filters)
+        names_text = canonical_json(names) if names is not None else None
+        name = object_name(contract, obj)
+        record = ItemRecord(
+            contract_key=contract.key,
+            external_id=external_id,
+            policy_type=classify(contract, obj).policy_type,
+            display_name=None if name is None else bulk.text_cell(name),
+            content_hash=content_hash(contract, obj),
+            payload=canonical_json(obj),
+            names_hash=_sha256(names_text) if names_text is not None else None,
+            names=names_text,
+        )
+    except ValueError as exc:  # text UTF-8 cannot encode (a lone surrogate)
+        raise _unstorable(contract, external_id, one_line(exc)) from exc
+    problem = bulk.row_problem(
+        schema.backup_items, {"external_id": external_id, "policy_type": record.policy_type}
+    )
+    if problem is not None:
+        raise _unstorable(contract, external_id, problem)
+    return record
+
+
+def _unstorable(contract: Contract, external_id: str, problem: str) -> GraphError:
+    return GraphError(
+        PROVIDER_BAD_RESPONSE,
+        f"{contract.key}: object {external_id} cannot be stored ({problem}), so this type "
+        "was not backed up",
         contract_key=contract.key,
-        external_id=str(obj["id"]),
-        policy_type=classify(contract, obj).policy_type,
-        display_name=object_name(contract, obj),
-        content_hash=content_hash(contract, obj),
-        payload=canonical_json(obj),
-        names_hash=_sha256(names_text) if names_text is not None else None,
-        names=names_text,
     )
 
 

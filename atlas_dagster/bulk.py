@@ -1,10 +1,22 @@
-"""Bulk writes that work the same on SQLite and PostgreSQL: multi-row upserts, chunked updates."""
+"""Bulk writes that work the same on SQLite and PostgreSQL: multi-row upserts, chunked updates.
+
+PostgreSQL's ``text`` and ``jsonb`` cannot hold U+0000 (SQLite can), and Graph may return it.
+So that both backends store the same thing, every write through this module stores:
+
+- in a text column people read (names, types) U+2400 SYMBOL FOR NULL (``␀``) in place of each
+  NUL — lossy, and readable;
+- in a JSON column every string (keys included) escaped reversibly: ``␀`` is written ``␀␀`` and
+  NUL ``␀0``. ``decode_json`` undoes it on read. A document holding neither character (nearly
+  every one) is stored as it is;
+- in a key column the value as given: a caller screens rows with ``row_problem`` first.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -18,6 +30,102 @@ from sqlalchemy.engine import Connection
 from atlas_dagster.schema import UTCDateTime
 
 _ROWS_PER_CALL = 10_000
+
+
+NUL, ESCAPE = "\x00", "\u2400"
+_NUL_IN_JSON = "\\u0000"  # how the JSON encoder writes a NUL
+_ESCAPED = re.compile(ESCAPE + "(.?)", re.DOTALL)
+_UNESCAPE = {ESCAPE: ESCAPE, "0": NUL}
+
+
+def text_cell(value: str) -> str:
+    """A string for a text column people read: each NUL shown as ``␀``."""
+    return value.replace(NUL, ESCAPE) if NUL in value else value
+
+
+def _escape(text: str) -> str:
+    if NUL not in text and ESCAPE not in text:
+        return text
+    return text.replace(ESCAPE, ESCAPE + ESCAPE).replace(NUL, ESCAPE + "0")
+
+
+def _unescape(text: str) -> str:
+    if ESCAPE not in text:
+        return text
+
+    def one(match: re.Match[str]) -> str:
+        try:
+            return _UNESCAPE[match.group(1)]
+        except KeyError:
+            raise ValueError(f"not an escaped JSON string: {text!r}") from None
+
+    return _ESCAPED.sub(one, text)
+
+
+def _strings(value: Any, convert: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return convert(value)
+    if isinstance(value, dict):
+        return {convert(k): _strings(v, convert) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strings(v, convert) for v in value]
+    return value
+
+
+def encode_json(value: Any) -> Any:
+    """A JSON value as a JSON column stores it (see the module docstring)."""
+    return _strings(value, _escape)
+
+
+def decode_json(value: Any) -> Any:
+    """A JSON column's value exactly as it was written: undoes ``encode_json``."""
+    return _strings(value, _unescape)
+
+
+def _plain(doc: str) -> bool:
+    """The JSON text of a value that ``encode_json`` leaves unchanged (a false positive only
+    costs an escape pass that changes nothing)."""
+    return ESCAPE not in doc and _NUL_IN_JSON not in doc
+
+
+def row_problem(table: sa.Table, row: Mapping[str, Any]) -> str | None:
+    """Why ``row`` cannot be stored alike on both backends, or None: a NUL in a key column
+    (which must not be altered), or a string longer than its column (PostgreSQL refuses it,
+    SQLite would keep it)."""
+    for name, value in row.items():
+        column_type = table.c[name].type
+        if not isinstance(value, str) or not isinstance(column_type, sa.String):
+            continue
+        if NUL in value and table.c[name].primary_key:
+            return f"{name} contains U+0000"
+        if column_type.length is not None and len(value) > column_type.length:
+            return f"{name} is longer than {column_type.length} characters"
+    return None
+
+
+def storable_rows(
+    table: sa.Table, rows: Iterable[dict[str, Any]], keep: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """Rows with their text and JSON values as both backends store them (see the module
+    docstring). Key columns, and the columns in ``keep``, are left as given; so is a row with
+    nothing to change (the same dict)."""
+    rows = list(rows)
+    columns = {c for row in rows for c in row}
+    text = [c for c in columns if _is_text(table.c[c], keep)]
+    documents = [c for c in columns if isinstance(table.c[c].type, sa.JSON)]
+    out = []
+    for row in rows:
+        changes = {c: text_cell(v) for c in text if (v := row.get(c)) is not None and NUL in v} | {
+            c: encode_json(v)
+            for c in documents
+            if (v := row.get(c)) is not None and not _plain(_json(v))
+        }
+        out.append({**row, **changes} if changes else row)
+    return out
+
+
+def _is_text(column: sa.Column, keep: Iterable[str]) -> bool:
+    return isinstance(column.type, sa.String) and not column.primary_key and column.name not in keep
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
@@ -127,7 +235,8 @@ def prepare_upsert(
     value for every row (the connection, the sync's timestamps): PostgreSQL gets them once per
     statement instead of once per row.
     """
-    prepared = PreparedUpsert(dialect, table, tuple(key), dict(constants or {}))
+    [stored_constants] = storable_rows(table, [dict(constants or {})], keep=key)
+    prepared = PreparedUpsert(dialect, table, tuple(key), stored_constants)
     constants = prepared.constants
     varying_key = [k for k in key if k not in constants]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -146,9 +255,9 @@ def prepare_upsert(
         unique = list({identity(row): row for row in group}.values())
         for batch in chunks(unique, _ROWS_PER_CALL):
             payload = (
-                _csv(table, varying, batch)
+                _csv(table, varying, key, batch)
                 if dialect == "postgresql"
-                else [{**row, **constants} for row in batch]
+                else [{**row, **constants} for row in storable_rows(table, batch, keep=key)]
             )
             prepared.parts.append((varying, targets, payload))
     return prepared
@@ -170,22 +279,36 @@ _NULL_CELL = _Null()
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def _csv(table: sa.Table, columns: Sequence[str], batch: Sequence[dict[str, Any]]) -> io.StringIO:
-    """The rows as PostgreSQL CSV. This runs for every cached row, so it works a column at a
-    time (list comprehensions, no call per cell) and leaves the rows to the C csv writer."""
+def _csv(
+    table: sa.Table, columns: Sequence[str], key: Sequence[str], batch: Sequence[dict[str, Any]]
+) -> io.StringIO:
+    """The rows as PostgreSQL CSV, stored as ``storable_rows`` would. This runs for every cached
+    row, so it works a column at a time (list comprehensions, no call per cell) and leaves the
+    rows to the C csv writer."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
     writer.writerows(
-        zip(*(_cells(table.c[c], [row[c] for row in batch]) for c in columns), strict=True)
+        zip(
+            *(_cells(table.c[c], [row[c] for row in batch], key) for c in columns),
+            strict=True,
+        )
     )
     buffer.seek(0)
     return buffer
 
 
-def _cells(column: sa.Column, values: list[Any]) -> list[Any]:
+def _cells(column: sa.Column, values: list[Any], key: Sequence[str]) -> list[Any]:
     if isinstance(column.type, sa.JSON):
         encode = _json_memo()
-        return [_NULL_CELL if v is None else encode(v) for v in values]
+        docs = [None if v is None else encode(v) for v in values]
+        return [
+            _NULL_CELL
+            if d is None
+            else d
+            if ESCAPE not in d and _NUL_IN_JSON not in d  # _plain, inlined: no call per cell
+            else _json(encode_json(v))
+            for d, v in zip(docs, values, strict=True)
+        ]
     if isinstance(column.type, sa.DateTime | UTCDateTime):
         # A batch shares its sync's timestamps: format each once.
         stamps: dict[Any, str] = {}
@@ -193,6 +316,8 @@ def _cells(column: sa.Column, values: list[Any]) -> list[Any]:
             _NULL_CELL if v is None else (stamps.get(v) or stamps.setdefault(v, v.isoformat()))
             for v in values
         ]
+    if _is_text(column, key):
+        return [_NULL_CELL if v is None else v if NUL not in v else text_cell(v) for v in values]
     return [_NULL_CELL if v is None else v for v in values]
 
 

@@ -1,6 +1,7 @@
 """The ``atlas-dagster`` command (DESIGN §8).
 
-Exit codes: 0 success, 1 operation failed, 2 bad usage or config. Errors are one line on stderr.
+Exit codes: 0 succeeded, 1 operation failed, 2 bad usage or config, 3 partially succeeded.
+Errors are one line on stderr; ``-v`` adds the trace.
 """
 
 from __future__ import annotations
@@ -9,14 +10,32 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
+from atlas_dagster import starts
 from atlas_dagster.config import AtlasConfig, ConfigError, load_config
 from atlas_dagster.reasons import one_line
-from atlas_dagster.starts import StartError
+from atlas_dagster.starts import (
+    DispatchError,
+    StartError,
+    StartOutcome,
+    start_operation,
+    wait_for,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_BY_OUTCOME = {
+    "succeeded": EXIT_OK,
+    "partially_succeeded": EXIT_PARTIAL,
+    "failed": EXIT_FAILED,
+    "cancelled": EXIT_FAILED,
+}
+# What `-v` shows of an in-process run on the terminal: its step failures with their traces.
+VERBOSE_LOG_LEVEL = "WARNING"
 
 
 class UsageError(Exception):
@@ -86,21 +105,70 @@ def _row_line(row: Any) -> str:
     return "  ".join(parts)
 
 
-def _exit_for(row: Any) -> int:
-    return (
-        EXIT_FAILED if row.status == "completed" and row.outcome in ("failed", "cancelled") else 0
-    )
+def _already_line(row: Any) -> str:
+    created = row.created_at.astimezone(UTC)
+    today = created.date() == datetime.now(UTC).date()
+    when = created.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M:%S")
+    return f"already {row.status} as #{row.id} ({row.trigger_source}, created {when} UTC)"
+
+
+def _failure_line(row: Any) -> str | None:
+    """The one line a run that did not fully succeed ends with: its first reason and message
+    (the trace is in the Dagster event log)."""
+    if row.outcome == "succeeded" or not row.failure_summary:
+        return None
+    first, more = row.failure_summary[0], len(row.failure_summary) - 1
+    level = "warning" if row.outcome == "partially_succeeded" else "error"
+    line = f"{level}: {first['reason_code']}: {first['message']}"
+    if more:
+        line += f" (and {more} more: atlas-dagster runs --id {row.id} --json)"
+    return line
+
+
+def _require_write_access(config: AtlasConfig, run_type: str) -> None:
+    """A read-only role may list runs but not start them: say so before anything is written."""
+    from atlas_dagster import db
+
+    engine = db.engine_for(config.database_url)
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        # NULL when the table does not exist yet: the upgrade then answers for itself.
+        role, writable = conn.exec_driver_sql(
+            "SELECT current_user, "
+            "has_table_privilege(to_regclass('operation_runs'), 'INSERT, UPDATE')"
+        ).one()
+    if writable is False:
+        raise UsageError(
+            f"connected as database role {role!r}, which cannot write operation runs; starting "
+            f"{run_type} needs a role with write access (database_url in {config.source})"
+        )
+
+
+def _start_json(outcome: StartOutcome) -> dict[str, Any]:
+    return {
+        "operation_run": outcome.row.to_dict(),
+        "created": outcome.created,
+        "dispatched": outcome.dispatched,
+    }
 
 
 def run_start(
-    args: argparse.Namespace, run_type: str, *, in_process: bool, report: Callable[[Any], None]
+    args: argparse.Namespace,
+    run_type: str,
+    *,
+    in_process: bool,
+    report: Callable[[StartOutcome], None],
 ) -> int:
+    # The config first: a broken one is its own line and exit 2, not a failure to load the
+    # definitions.
+    config = _config(args)
+    _require_write_access(config, run_type)
+
     from atlas_dagster.definitions import defs
     from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.resources.ledger import OperationLedger
-    from atlas_dagster.starts import DispatchError, start_operation, wait_for
 
-    config = _config(args)
     try:
         outcome = start_operation(
             config,
@@ -109,27 +177,40 @@ def run_start(
             connection=getattr(args, "connection", None),
             schedule=getattr(args, "schedule", None),
             retry_of=getattr(args, "retry_of", None),
+            accept_deletions=getattr(args, "accept_deletions", False),
             in_process=in_process,
         )
     except DispatchError as exc:
-        report(exc.row)
+        report(StartOutcome(exc.row, created=True, dispatched=False))
         print(f"error: dispatch failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    row = outcome.row
-    if not outcome.created and not getattr(args, "json", False):
-        print(
-            f"an active run of the same operation exists: #{row.id} ({row.status})", file=sys.stderr
+    as_json, wait = getattr(args, "json", False), getattr(args, "wait", False)
+    if not outcome.created and not as_json:
+        # Flushed: a caller reading a pipe learns this before a --wait.
+        print(_already_line(outcome.row), flush=True)
+    if wait and outcome.row.status != "completed":
+        outcome = replace(
+            outcome,
+            row=wait_for(OperationLedger(ready_engine(config)), outcome.row.id, args.timeout),
         )
-    if getattr(args, "wait", False) and not in_process and row.status != "completed":
-        row = wait_for(OperationLedger(ready_engine(config)), row.id, timeout=args.timeout)
-    report(row)
-    return _exit_for(row) if (in_process or getattr(args, "wait", False)) else EXIT_OK
+    if as_json or outcome.created or wait:
+        report(outcome)
+    row = outcome.row
+    if not (wait or (in_process and outcome.created)):
+        return EXIT_OK
+    if row.status != "completed":
+        print(f"error: #{row.id} is still {row.status} after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_FAILED
+    failure = _failure_line(row)
+    if failure:
+        print(failure, file=sys.stderr)
+    return EXIT_BY_OUTCOME[row.outcome]
 
 
-def _reporter(args: argparse.Namespace) -> Callable[[Any], None]:
+def _reporter(args: argparse.Namespace) -> Callable[[StartOutcome], None]:
     if getattr(args, "json", False):
-        return lambda row: _print_json(row.to_dict())
-    return lambda row: print(_row_line(row))
+        return lambda outcome: _print_json(_start_json(outcome))
+    return lambda outcome: print(_row_line(outcome.row))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -158,7 +239,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
             provider_connection_id=conn_id, type=args.type, status=args.status, limit=args.limit
         )
     if args.json:
-        _print_json([r.to_dict() for r in rows])
+        if args.id is not None:
+            _print_json({"operation_run": rows[0].to_dict()})
+        else:
+            _print_json({"operation_runs": [r.to_dict() for r in rows]})
         return EXIT_OK
     keys = {v: k for k, v in ids.items()}
     print(
@@ -199,11 +283,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from atlas_dagster.readiness import latest_checks
     from atlas_dagster.resources.database import ready_engine
 
-    def report(row: Any) -> None:
+    def report(outcome: StartOutcome) -> None:
+        row = outcome.row
         checks = latest_checks(ready_engine(_config(args)), row.provider_connection_id)
         checks = [c for c in checks if c["operation_run_id"] == row.id]
         if args.json:
-            _print_json({"operation_run": row.to_dict(), "checks": checks})
+            _print_json({**_start_json(outcome), "checks": checks})
             return
         if checks:
             print(
@@ -325,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", help="path of atlas.yaml (default: $ATLAS_CONFIG, ./atlas.yaml)"
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="on a failure, print the full trace too"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     dbp = sub.add_parser("db", help="the application database").add_subparsers(
@@ -340,10 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--connection", help="provider connection key")
     start.add_argument("--schedule", help="backup schedule key")
     start.add_argument("--retry-of", type=int, help="operation run id to retry")
+    start.add_argument(
+        "--accept-deletions",
+        action="store_true",
+        help="inventory.sync: apply the deletions the last mass-deletion hold listed",
+    )
     start.add_argument("--in-process", action="store_true", help="run the job in this process")
     start.add_argument("--wait", action="store_true", help="wait until the run completes")
     start.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
-    start.add_argument("--json", action="store_true", help="print the ledger row as JSON")
+    start.add_argument(
+        "--json", action="store_true", help="print the ledger row and what the start did as JSON"
+    )
     start.set_defaults(func=cmd_start)
 
     runs = sub.add_parser("runs", help="list operation runs")
@@ -398,16 +493,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_level = starts.IN_PROCESS_LOG_LEVEL
+    if args.verbose:
+        starts.IN_PROCESS_LOG_LEVEL = VERBOSE_LOG_LEVEL
     try:
         return args.func(args)
     except (ConfigError, UsageError, StartError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # the last line of defence: one line, never a stack trace
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+    except Exception as exc:  # the last line of defence: one line, the trace only with -v
+        _error(args, one_line(exc))
         return EXIT_FAILED
+    finally:
+        starts.IN_PROCESS_LOG_LEVEL = quiet_level
+
+
+def _error(args: argparse.Namespace, line: str) -> None:
+    if args.verbose:
+        traceback.print_exc()
+    print(f"error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -170,14 +170,85 @@ def load_config(
 
 
 def parse_config(text: str, source: str, env: Mapping[str, str]) -> AtlasConfig:
+    loader = yaml.SafeLoader(text)
     try:
-        raw = yaml.safe_load(text)
+        node = loader.get_single_node()
+        problem = _structure_problem(node)
+        if problem is not None:
+            raise ConfigError(f"{source}: {problem}")
+        raw = loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
-    return _Validator(source, env).config(raw if raw is not None else {})
+    finally:
+        loader.dispose()
+    return _Validator(source, env).config(raw)
+
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _structure_problem(node: yaml.Node | None) -> str | None:
+    """What YAML allows but a config must not have, as ``where: problem``: no settings at all
+    (an empty file is a mistake, not the demo), or a key given twice in one mapping, which YAML
+    loaders resolve by silently keeping the last."""
+    if node is None or node.tag == _NULL_TAG:
+        line = node.start_mark.line + 1 if node is not None else 1
+        return (
+            f"line {line}: the file holds no settings "
+            "(expected a mapping such as 'provider_connections: [...]')"
+        )
+    duplicate = _duplicate_key(node, "", set())
+    if duplicate is None:
+        return None
+    where, line, first = duplicate
+    return f"{where}: duplicate key at line {line} (first given at line {first})"
+
+
+def _duplicate_key(node: yaml.Node, where: str, visited: set[int]) -> tuple[str, int, int] | None:
+    """The first key, in file order, given twice in one mapping under ``node``: its path (named
+    as the validator names entries and fields), its line and the line of its first use."""
+    if id(node) in visited:  # an alias of a node already checked
+        return None
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{where}[{_entry_label(item, index)}]", visited)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.MappingNode):
+        first_lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                continue  # merged keys may be overridden; that is what a merge is for
+            path = f"{where}.{key.value}" if where else key.value
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first_lines:
+                return path, line, first_lines[key.tag, key.value]
+            first_lines[key.tag, key.value] = line
+            found = _duplicate_key(value, path, visited)
+            if found is not None:
+                return found
+    return None
+
+
+def _entry_label(item: yaml.Node, index: int) -> str:
+    """A list entry's name in messages: its ``key`` when it has one, else its index."""
+    if isinstance(item, yaml.MappingNode):
+        for key, value in item.value:
+            if (
+                isinstance(key, yaml.ScalarNode)
+                and key.value == "key"
+                and isinstance(value, yaml.ScalarNode)
+                and value.tag == _STR_TAG
+                and value.value
+            ):
+                return value.value
+    return str(index)
 
 
 _SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")

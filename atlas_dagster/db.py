@@ -10,7 +10,9 @@ import fcntl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -42,24 +44,61 @@ def _create_engine(url: str) -> Engine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_setup(dbapi_conn, _record):
-            # Let SQLAlchemy own transactions, so BEGIN IMMEDIATE below takes the write lock up
-            # front: two writers then queue on busy_timeout instead of deadlocking on upgrade.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        _sqlite_transactions(engine)
         return engine
     return sa.create_engine(sqlalchemy_url(url), pool_pre_ping=True, pool_size=10, max_overflow=30)
+
+
+# The execution option of a connection that only reads (see read_connection).
+_READS = "atlas_reads"
+# Set on conn.info by a SELECT about to begin a transaction implicitly. conn.info outlives a
+# checkout, so the marker holds the Connection it was set for: one left behind by a statement
+# that failed before it began is never taken for another connection's.
+_READ_BEGIN = "atlas_read_begin"
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection that only reads, for reads that start with something other than a SELECT
+    (schema inspection, raw SQL): on SQLite its transactions, like every read's, never wait for
+    a writer. A plain ``engine.connect()`` whose first statement is a SELECT needs nothing."""
+    return engine.connect().execution_options(**{_READS: True})
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    """SQLite transactions in which a read never waits for a writer.
+
+    In WAL mode a reader never waits for a writer, so a read begins a plain (deferred)
+    transaction. A writer takes the write lock up front (BEGIN IMMEDIATE): writers then queue on
+    busy_timeout, where a deferred transaction that read first would fail with SQLITE_BUSY when
+    it came to write. Which is which shows in how a transaction begins. Writers open theirs
+    explicitly (``engine.begin()``, ``conn.begin()``). A read on ``engine.connect()`` has it
+    begun implicitly by its first statement, a SELECT, or comes from :func:`read_connection`.
+    Any other implicit begin (a write on a plain connection, or raw SQL, whose kind cannot be
+    seen: ``exec_driver_sql`` fires no ``before_execute``) is taken as a writer's.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _sqlite_setup(dbapi_conn, _record):
+        # Let SQLAlchemy own transactions, so the begin hook below decides how each starts.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        # Persistent in the file: the first connection converts a database still in
+        # rollback-journal mode, where a reader and a writer block each other.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @sa.event.listens_for(engine, "before_execute")
+    def _note_implicit_read(conn, clauseelement, *_args):
+        if not conn.in_transaction() and getattr(clauseelement, "is_select", False):
+            conn.info[_READ_BEGIN] = conn
+
+    @sa.event.listens_for(engine, "begin")
+    def _sqlite_begin(conn):
+        implicit_read = conn.info.pop(_READ_BEGIN, None) is conn
+        read = implicit_read or conn.get_execution_options().get(_READS, False)
+        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -134,71 +173,87 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def current_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    with engine.connect() as conn:
+    # Every command asks; it inspects the schema before it selects anything.
+    with read_connection(engine) as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def sync_config(engine: Engine, config: AtlasConfig) -> dict[str, int]:
     """Upsert the config's connections and schedules (never secrets); returns key → id of the
-    connections. Removed config entries keep their rows: their data stays queryable."""
-    now = schema.utcnow()
-    pc, bs = schema.provider_connections, schema.backup_schedules
-    with transaction(engine) as conn:
-        existing = {row.key: row for row in conn.execute(sa.select(pc))}
-        ids: dict[str, int] = {}
-        for c in config.provider_connections:
-            values = {
-                "display_name": c.display_name,
-                "tenant_id": c.tenant_id,
-                "client_id": c.client_id,
-            }
-            row = existing.get(c.key)
-            if row is None:
-                ids[c.key] = conn.execute(
-                    pc.insert().values(key=c.key, created_at=now, updated_at=now, **values)
-                ).inserted_primary_key[0]
-            else:
-                ids[c.key] = row.id
-                if any(getattr(row, k) != v for k, v in values.items()):
-                    conn.execute(
-                        pc.update().where(pc.c.id == row.id).values(updated_at=now, **values)
-                    )
-        sched_rows = {row.key: row for row in conn.execute(sa.select(bs))}
-        for s in config.backup_schedules:
-            values = {
-                "provider_connection_id": ids[s.provider_connection],
-                "cron": s.cron,
-                "timezone": s.timezone,
-                "policy_types": list(s.policy_types),
-                "retention_days": s.retention_days,
-                "enabled": s.enabled,
-            }
-            row = sched_rows.get(s.key)
-            if row is None:
-                conn.execute(
-                    bs.insert().values(key=s.key, created_at=now, updated_at=now, **values)
-                )
-            elif any(getattr(row, k) != v for k, v in values.items()):
-                conn.execute(bs.update().where(bs.c.id == row.id).values(updated_at=now, **values))
-        # Schedules removed from the config stop running: keep their history, disable them.
-        removed = [k for k in sched_rows if k not in {s.key for s in config.backup_schedules}]
-        if removed:
-            conn.execute(
-                bs.update()
-                .where(bs.c.key.in_(removed), bs.c.enabled)
-                .values(enabled=False, updated_at=now)
-            )
-        _set_setting(conn, "dagster_webserver_url", config.dagster_webserver_url)
-    return ids
+    connections. Removed config entries keep their rows: their data stays queryable.
+
+    Every command syncs, and almost always finds the database in step: that check only reads,
+    so a command that merely reads (``runs``) never waits for a writer. Only a config that
+    differs takes the write lock, and its changes are worked out again under it.
+    """
+    with engine.connect() as conn:
+        in_step = not _config_changes(conn, config, schema.utcnow())
+    if not in_step:
+        with transaction(engine) as conn:
+            for change in _config_changes(conn, config, schema.utcnow()):
+                conn.execute(change)
+    keys = {c.key for c in config.provider_connections}
+    return {key: id_ for key, id_ in connection_ids(engine).items() if key in keys}
 
 
-def _set_setting(conn: Connection, key: str, value: str) -> None:
-    t = schema.atlas_settings
-    current = conn.execute(sa.select(t.c.value).where(t.c.key == key)).scalar()
+def _config_changes(conn: Connection, config: AtlasConfig, now: datetime) -> list[sa.Executable]:
+    """The statements that bring the database in step with the config; none when it is."""
+    pc, bs, settings = schema.provider_connections, schema.backup_schedules, schema.atlas_settings
+    changes: list[sa.Executable] = []
+    connections = {row.key: row for row in conn.execute(sa.select(pc))}
+    for c in config.provider_connections:
+        values: dict[str, Any] = {
+            "display_name": c.display_name,
+            "tenant_id": c.tenant_id,
+            "client_id": c.client_id,
+        }
+        row = connections.get(c.key)
+        if row is None:
+            changes.append(pc.insert().values(key=c.key, created_at=now, updated_at=now, **values))
+        elif _differs(row, values):
+            changes.append(pc.update().where(pc.c.id == row.id).values(updated_at=now, **values))
+
+    schedules = {row.key: row for row in conn.execute(sa.select(bs))}
+    for s in config.backup_schedules:
+        owner = connections.get(s.provider_connection)
+        # A connection inserted by these same changes has no id yet; its key finds it.
+        owner_id = (
+            owner.id
+            if owner is not None
+            else sa.select(pc.c.id).where(pc.c.key == s.provider_connection).scalar_subquery()
+        )
+        values = {
+            "provider_connection_id": owner_id,
+            "cron": s.cron,
+            "timezone": s.timezone,
+            "policy_types": list(s.policy_types),
+            "retention_days": s.retention_days,
+            "enabled": s.enabled,
+        }
+        row = schedules.get(s.key)
+        if row is None:
+            changes.append(bs.insert().values(key=s.key, created_at=now, updated_at=now, **values))
+        elif owner is None or _differs(row, values):
+            changes.append(bs.update().where(bs.c.id == row.id).values(updated_at=now, **values))
+    # Schedules removed from the config stop running: keep their history, disable them.
+    configured = {s.key for s in config.backup_schedules}
+    removed = [key for key, row in schedules.items() if key not in configured and row.enabled]
+    if removed:
+        changes.append(
+            bs.update().where(bs.c.key.in_(removed)).values(enabled=False, updated_at=now)
+        )
+
+    key, value = "dagster_webserver_url", config.dagster_webserver_url
+    current = conn.execute(sa.select(settings.c.value).where(settings.c.key == key)).scalar()
     if current is None:
-        conn.execute(t.insert().values(key=key, value=value))
+        changes.append(settings.insert().values(key=key, value=value))
     elif current != value:
-        conn.execute(t.update().where(t.c.key == key).values(value=value))
+        changes.append(settings.update().where(settings.c.key == key).values(value=value))
+    return changes
+
+
+def _differs(row: sa.Row, values: dict[str, Any]) -> bool:
+    return any(getattr(row, k) != v for k, v in values.items())
 
 
 def connection_ids(engine: Engine) -> dict[str, int]:

@@ -48,6 +48,9 @@ def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
             mirror.operation_runs_reconciler,
             connections.provider_connection_partitions_sensor,
         ],
+        # One step per job: run it in the run worker itself, so stopping the worker stops the
+        # work (a per-step process would outlive a killed worker) and no process starts per step.
+        executor=dg.in_process_executor,
         resources={
             "database": database,
             "ledger": LedgerResource(database=database),

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.dagster_run import RunRecord
 
-from atlas_dagster import db, schema
+from atlas_dagster import db, liveness, schema
 from atlas_dagster.reasons import (
     RUN_CANCELLED,
     RUN_CRASHED,
@@ -32,6 +35,7 @@ from atlas_dagster.resources.ledger import (
     TAG_BACKUP_SCHEDULE,
     TAG_OPERATION_RUN_ID,
     TAG_RUN_TYPE,
+    FencedOut,
     LedgerResource,
     OperationLedger,
     OperationRun,
@@ -42,6 +46,12 @@ log = logging.getLogger("atlas_dagster.mirror")
 
 DISPATCH_GRACE = timedelta(minutes=10)
 LEDGER_JOBS = frozenset(JOB_TYPES)
+# How often a run waiting for its tenant's slot looks again.
+SLOT_POLL_SECONDS = 0.5
+TAG_OUTCOME = "atlas/outcome"
+TAG_CONNECTION = "atlas/connection"
+TAG_REASON_PREFIX = "atlas/reason/"
+_IN_PROGRESS = (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED)
 
 
 def _ts(value: float | datetime | None) -> datetime | None:
@@ -147,15 +157,27 @@ def mirror_record(
     """Bring one run's ledger row in line with the run. Idempotent."""
     run = record.dagster_run
     row = resolve_row(ledger, run, _ts(record.create_timestamp))
-    if row is None or row.status == "completed":
-        return row
+    if row is None:
+        return None
+    if row.status != "completed":
+        _mirror_status(ledger, instance, record, row)
+        row = ledger.get(row.id)
+    if row is not None and row.status == "completed":
+        _write_verdict_tags(instance, run, row)
+    return row
+
+
+def _mirror_status(
+    ledger: OperationLedger, instance: DagsterInstance, record: RunRecord, row: OperationRun
+) -> None:
+    # A run's row turns running only when its job takes the tenant's slot (claim), not when
+    # Dagster starts the run: the job may still wait behind another run of the tenant.
+    run = record.dagster_run
     if row.dagster_run_id is None:
         ledger.attach_dagster_run(row.id, run.run_id)
     status = run.status
     started, ended = _ts(record.start_time), _ts(record.end_time)
-    if status == DagsterRunStatus.STARTED:
-        ledger.mark_running(row.id, dagster_run_id=run.run_id, started_at=started)
-    elif status == DagsterRunStatus.SUCCESS:
+    if status == DagsterRunStatus.SUCCESS:
         fresh = ledger.get(row.id) or row
         outcome = fresh.context.get("declared_outcome") or (
             "partially_succeeded" if fresh.failure_summary else "succeeded"
@@ -179,7 +201,25 @@ def mirror_record(
             started_at=started,
             completed_at=ended,
         )
-    return ledger.get(row.id)
+
+
+def verdict_tags(row: OperationRun, connection_key: str | None) -> dict[str, str]:
+    """The ledger's verdict as Dagster run tags, so the Runs page filters by it."""
+    tags = {TAG_OUTCOME: row.outcome}
+    if connection_key:
+        tags[TAG_CONNECTION] = connection_key
+    for entry in row.failure_summary:
+        tags[f"{TAG_REASON_PREFIX}{entry['reason_code']}"] = "true"
+    return tags
+
+
+def _write_verdict_tags(instance: DagsterInstance, run: dg.DagsterRun, row: OperationRun) -> None:
+    if row.dagster_run_id != run.run_id:
+        return
+    key = row.context.get("provider_connection_key") or run.tags.get("dagster/partition")
+    missing = {k: v for k, v in verdict_tags(row, key).items() if run.tags.get(k) != v}
+    if missing:
+        instance.add_run_tags(run.run_id, missing)
 
 
 def mirror_run_id(
@@ -236,11 +276,76 @@ def fail_dead_workers(instance: DagsterInstance, records: list[RunRecord]) -> li
     return failed
 
 
+def row_dead_reason(row: OperationRun, now: datetime | None = None) -> str | None:
+    """Why an active row's work is dead, or None while it may live (see liveness.py). A running
+    row from before executors were recorded is judged by its last update instead."""
+    now = now or schema.utcnow()
+    if row.executor is None and row.status == "running":
+        return liveness.stale_reason(row.updated_at, now, "its run (recorded before executors)")
+    return liveness.dead_reason(row.executor, row.heartbeat_at, now)
+
+
+def reap(
+    ledger: OperationLedger,
+    row: OperationRun,
+    reason: str,
+    instance: DagsterInstance | None = None,
+) -> bool:
+    """Complete a dead row ``failed``/``run_crashed`` (only if it is still the same execution's:
+    the token condition) and fail its Dagster run if Dagster still has it in progress. The
+    identity and the tenant's slot are free afterwards."""
+    message = f"the run's work died: {reason}"
+    done = ledger.complete(
+        row.id, "failed", failures=[failure(RUN_CRASHED, message)], token=row.executor_token
+    )
+    if done:
+        log.warning("operation run #%s: %s", row.id, message)
+    if instance is not None and row.dagster_run_id:
+        _fail_dagster_run(instance, row.dagster_run_id, message)
+    return done
+
+
+def _fail_dagster_run(instance: DagsterInstance, run_id: str, message: str) -> None:
+    try:
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.status in _IN_PROGRESS:
+            instance.report_run_failed(run, message)
+    except Exception:  # the ledger is settled; the reconciler retries the Dagster side
+        log.exception("could not mark Dagster run %s failed", run_id)
+
+
+def reap_dead(
+    ledger: OperationLedger, instance: DagsterInstance | None, now: datetime | None = None
+) -> list[int]:
+    """Reap every active row whose work is dead."""
+    reaped = []
+    for row in ledger.active():
+        reason = row_dead_reason(row, now)
+        if reason and reap(ledger, row, reason, instance):
+            reaped.append(row.id)
+    return reaped
+
+
+def _fail_runs_of_crashed_rows(
+    ledger: OperationLedger, instance: DagsterInstance, started: list[RunRecord]
+) -> None:
+    """A row reaped where no Dagster instance was at hand leaves its run STARTED: end it."""
+    for record in started:
+        if record.dagster_run.job_name not in LEDGER_JOBS:
+            continue
+        row = ledger.find_by_dagster_run(record.dagster_run.run_id)
+        if row is not None and row.status == "completed" and row.outcome == "failed":
+            crash = next((f for f in row.failure_summary if f["reason_code"] == RUN_CRASHED), None)
+            if crash is not None:
+                _fail_dagster_run(instance, record.dagster_run.run_id, crash["message"])
+
+
 @dataclass
 class ReconcileResult:
     cursor: float | None
     mirrored: int = 0
     expired: list[int] = field(default_factory=list)
+    reaped: list[int] = field(default_factory=list)
     errors: int = 0
 
 
@@ -256,6 +361,7 @@ def reconcile(
     """One reconciliation pass: runs updated since ``cursor``, then every active ledger row."""
     now = now or schema.utcnow()
     result = ReconcileResult(cursor)
+    result.reaped = reap_dead(ledger, instance, now)
     # Overlap the cursor by a second: same-timestamp updates are re-read, which is harmless.
     after = _ts(cursor - 1.0) if cursor is not None else None
     records = instance.get_run_records(
@@ -267,6 +373,7 @@ def reconcile(
     started = instance.get_run_records(
         filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]), limit=limit
     )
+    _fail_runs_of_crashed_rows(ledger, instance, list(started))
     dead = set(fail_dead_workers(instance, list(started)))
     if dead:
         records = [*records, *instance.get_run_records(filters=RunsFilter(run_ids=list(dead)))]
@@ -309,35 +416,96 @@ class DuplicateRun(dg.Failure):
     pass
 
 
+class FencedEngine:
+    """An engine whose write transactions (``begin()``) commit only while the run still owns
+    its ledger row: the fence is checked, and the row locked, inside each transaction. Reads and
+    everything else pass through to the engine."""
+
+    def __init__(self, engine: sa.Engine, ledger: OperationLedger, row_id: int, token: str):
+        self._engine, self._ledger, self._row_id, self._token = engine, ledger, row_id, token
+
+    @contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        with self._engine.begin() as conn:
+            self._ledger.fence(conn, self._row_id, self._token)
+            yield conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 @dataclass
 class OperationHandle:
-    """What a running job may do to its own ledger row."""
+    """What a running job may do to its own ledger row — only while it owns it (``token``)."""
 
     ledger: OperationLedger
     row: OperationRun
+    token: str
+    heartbeat: liveness.Heartbeat | None = None
 
     @property
     def id(self) -> int:
         return self.row.id
 
+    def _record(self, **values: Any) -> None:
+        if not self.ledger.record_progress(self.row.id, token=self.token, **values):
+            raise FencedOut(f"operation run #{self.row.id} is no longer owned by this run")
+
     def progress(self, **counts: Any) -> None:
-        self.ledger.record_progress(self.row.id, summary_counts=counts)
+        self._record(summary_counts=counts)
 
     def fail(self, reason_code: str, message: str, contract_key: str | None = None) -> None:
-        self.ledger.record_progress(
-            self.row.id, failures=[failure(reason_code, message, contract_key)]
-        )
+        self._record(failures=[failure(reason_code, message, contract_key)])
 
     def set_context(self, **values: Any) -> None:
-        self.ledger.record_progress(self.row.id, context=values)
+        self._record(context=values)
 
     def declare_outcome(self, outcome: str) -> None:
         self.set_context(declared_outcome=outcome)
 
+    def fenced(self, engine: sa.Engine) -> FencedEngine:
+        """``engine`` for this run's writes to the cached tables."""
+        return FencedEngine(engine, self.ledger, self.row.id, self.token)
 
-def claim(ledger: OperationLedger, run: dg.DagsterRun) -> OperationHandle:
-    """Called by a job as it starts: find (or adopt) its row, take its identity, mark it running.
-    A run whose identity is held by another active run stops without doing the work."""
+    def finish(self) -> None:
+        """The work is done: complete the row with its outcome (the mirror confirms it later),
+        which frees the tenant's slot at once."""
+        fresh = self.ledger.get(self.row.id) or self.row
+        outcome = fresh.context.get("declared_outcome") or (
+            "partially_succeeded" if fresh.failure_summary else "succeeded"
+        )
+        if not self.ledger.complete(self.row.id, outcome, token=self.token):
+            raise FencedOut(f"operation run #{self.row.id} is no longer owned by this run")
+
+    def abandon(self, exc: BaseException) -> None:
+        """The work stopped with ``exc``: record why and complete the row."""
+        if isinstance(exc, FencedOut):
+            return  # the row is not ours any more: nothing may be written
+        if isinstance(exc, Exception) and not isinstance(exc, dg.DagsterExecutionInterruptedError):
+            entry, outcome = failure_of(exc), "failed"
+        else:
+            entry, outcome = failure(RUN_CANCELLED, "the run was interrupted"), "cancelled"
+        try:
+            self.ledger.complete(self.row.id, outcome, failures=[entry], token=self.token)
+        except Exception:  # the reconciler completes it from Dagster's record instead
+            log.exception("could not complete operation run #%s", self.row.id)
+
+    def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+
+def claim(
+    ledger: OperationLedger,
+    run: dg.DagsterRun,
+    *,
+    say: Callable[[str], None] = log.warning,
+    instance: DagsterInstance | None = None,
+) -> OperationHandle:
+    """Called by a job as it starts: find (or adopt) its row, take its identity, record this
+    process as its executor and start its heartbeat, then wait for the tenant's slot and mark
+    the row running. A run whose identity is held by another active run stops without doing
+    the work."""
     row = resolve_row(ledger, run, schema.utcnow())
     if row is None:
         raise dg.Failure(f"job {run.job_name} is not tracked by the operation ledger")
@@ -353,25 +521,67 @@ def claim(ledger: OperationLedger, run: dg.DagsterRun) -> OperationHandle:
         )
         ledger.complete(row.id, "cancelled", failures=[failure(RUN_CANCELLED, message)])
         raise DuplicateRun(message)
-    ledger.mark_running(row.id, dagster_run_id=run.run_id)
+    me = liveness.here()
+    recorded = liveness.Executor.from_dict(row.executor) if row.executor else None
+    if recorded == me and row.executor_token:
+        token = row.executor_token  # the in-process start that created the row runs it here
+    else:
+        token = uuid.uuid4().hex
+        if not ledger.take_executor(row.id, me.to_dict(), token):
+            raise DuplicateRun(f"operation run #{row.id} completed before this run took it")
+    heartbeat = liveness.Heartbeat(lambda: ledger.heartbeat(row.id, token)).start()
+    try:
+        _wait_for_slot(ledger, row, token, run.run_id, say, instance)
+    except BaseException:
+        heartbeat.stop()
+        raise
     fresh = ledger.get(row.id)
     assert fresh is not None
-    return OperationHandle(ledger, fresh)
+    return OperationHandle(ledger, fresh, token, heartbeat)
+
+
+def _wait_for_slot(
+    ledger: OperationLedger,
+    row: OperationRun,
+    token: str,
+    dagster_run_id: str,
+    say: Callable[[str], None],
+    instance: DagsterInstance | None,
+) -> None:
+    told: int | None = None
+    while (holder := ledger.take_slot(row.id, token, dagster_run_id=dagster_run_id)) is not None:
+        reason = row_dead_reason(holder)
+        if reason:
+            reap(ledger, holder, reason, instance)
+            continue
+        if told != holder.id:
+            say(
+                f"waiting for operation run #{holder.id} ({holder.type}, started "
+                f"{holder.started_at:%H:%M:%S} UTC) of this tenant to finish: the runs of one "
+                "tenant are serialised"
+                if holder.started_at
+                else f"waiting for operation run #{holder.id} ({holder.type}) of this tenant"
+            )
+            told = holder.id
+        time.sleep(SLOT_POLL_SECONDS)
 
 
 @contextmanager
 def operation_scope(
     context: dg.OpExecutionContext | dg.AssetExecutionContext, ledger: LedgerResource
 ) -> Iterator[OperationHandle]:
-    """Wraps a job's work: claims the row, and records an unexpected error before re-raising."""
-    handle = claim(ledger.ledger(), context.run)
+    """Wraps a job's work: claims the row, completes it when the work ends (failed, with the
+    reason, when it raised), and stops the heartbeat."""
+    handle = claim(ledger.ledger(), context.run, say=context.log.warning, instance=context.instance)
     try:
         yield handle
-    except dg.Failure:
+    except BaseException as exc:
+        handle.abandon(exc)
         raise
-    except Exception as exc:
-        handle.ledger.record_progress(handle.id, failures=[failure_of(exc)])
-        raise
+    else:
+        handle.finish()
+    finally:
+        handle.close()
 
 
 # --- Sensors ----------------------------------------------------------------------------------
@@ -423,6 +633,7 @@ def operation_runs_reconciler(context: dg.SensorEvaluationContext, ledger: Ledge
     if result.cursor is not None:
         context.update_cursor(str(result.cursor))
     return dg.SkipReason(
-        f"mirrored {result.mirrored} run(s), expired {len(result.expired)} undispatched row(s)"
+        f"mirrored {result.mirrored} run(s), reaped {len(result.reaped)} dead row(s), "
+        f"expired {len(result.expired)} undispatched row(s)"
         + (f", {result.errors} failed and will be retried" if result.errors else "")
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from atlas_dagster.bulk import text_cell
+
 PROVIDER_AUTH_FAILED = "provider_auth_failed"
 PROVIDER_PERMISSION_DENIED = "provider_permission_denied"
 PROVIDER_CONSENT_MISSING = "provider_consent_missing"
@@ -17,6 +19,8 @@ RUN_CANCELLED = "run_cancelled"
 RUN_CRASHED = "run_crashed"
 DISPATCH_FAILED = "dispatch_failed"
 INTERNAL_ERROR = "internal_error"
+# A sync held deletions back (the mass-deletion guard); the rest was refreshed.
+MASS_DELETION_HELD = "mass_deletion_held"
 
 REASON_CODES = frozenset(
     {
@@ -33,6 +37,7 @@ REASON_CODES = frozenset(
         RUN_CRASHED,
         DISPATCH_FAILED,
         INTERNAL_ERROR,
+        MASS_DELETION_HELD,
     }
 )
 
@@ -96,7 +101,8 @@ def failure(reason_code: str, message: str, contract_key: str | None = None) -> 
     """One ``failure_summary`` entry."""
     if reason_code not in REASON_CODES:
         raise ValueError(f"unknown reason code {reason_code!r}")
-    entry: dict[str, Any] = {"reason_code": reason_code, "message": message[:2000]}
+    # The message may quote what Graph sent (a name, an id): the ledger's JSON holds no NUL.
+    entry: dict[str, Any] = {"reason_code": reason_code, "message": text_cell(message[:2000])}
     if contract_key:
         entry["contract_key"] = contract_key
     return entry

@@ -7,7 +7,7 @@ requests the runs tagged with them — the same create-before-dispatch as every 
 import dagster as dg
 
 from atlas_dagster.config import AtlasConfig, RefreshSchedule
-from atlas_dagster.connections import sync_partitions
+from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.db import connection_ids
 from atlas_dagster.resources.ledger import (
     JOB_TYPES,
@@ -43,7 +43,7 @@ def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
     def _schedule(context: dg.ScheduleEvaluationContext, ledger: LedgerResource):
         database = ledger.database
         keys = [c.key for c in database.config().provider_connections]
-        sync_partitions(context.instance, keys)
+        ensure_partitions(context.instance, keys)
         ids = connection_ids(database.engine())
         book = ledger.ledger()
         requests = []
@@ -52,7 +52,7 @@ def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
                 run_type,
                 provider_connection_id=ids[key],
                 trigger_source="schedule",
-                initiator=f"refresh__{entry.key}",
+                initiator=dagster_name("refresh", entry.key),
                 context={"provider_connection_key": key},
             )
             if not started.created:

@@ -116,6 +116,11 @@ operation_runs = sa.Table(
     sa.Column("started_at", UTCDateTime),
     sa.Column("completed_at", UTCDateTime),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Liveness: where the work runs ({host, boot_id, pid, process_started}), the token that
+    # fences its writes, and its last heartbeat (see atlas_dagster/liveness.py).
+    sa.Column("executor", JSONType),
+    sa.Column("executor_token", sa.String(64)),
+    sa.Column("heartbeat_at", UTCDateTime),
     sa.CheckConstraint(
         "status IN ('queued', 'running', 'completed')", name="ck_operation_runs_status"
     ),

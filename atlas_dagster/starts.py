@@ -7,9 +7,11 @@ Dispatch is either in this process (``execute_in_process`` against the instance 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,11 +19,11 @@ from typing import Any
 
 import dagster as dg
 
-from atlas_dagster import db
+from atlas_dagster import db, liveness
 from atlas_dagster.backup_store import find_schedule
 from atlas_dagster.config import AtlasConfig
-from atlas_dagster.connections import sync_partitions
-from atlas_dagster.mirror import mirror_run_id
+from atlas_dagster.connections import ensure_partitions
+from atlas_dagster.mirror import mirror_run_id, reap, row_dead_reason
 from atlas_dagster.reasons import one_line
 from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.resources.ledger import (
@@ -36,6 +38,9 @@ from atlas_dagster.resources.ledger import (
 INSTANCE_TEMPLATE = Path(__file__).parent / "instance" / "dagster.yaml"
 LOCATION_NAME = "atlas_dagster"
 RETRYABLE_OUTCOMES = ("failed", "partially_succeeded")
+# Level of the console logger of in-process runs. Step failures log their stack trace at ERROR:
+# the terminal shows the ledger's one line instead, and `atlas-dagster -v` lowers this.
+IN_PROCESS_LOG_LEVEL = "CRITICAL"
 
 
 class StartError(Exception):
@@ -71,6 +76,16 @@ def ensure_dagster_home() -> Path:
     return home
 
 
+def open_instance() -> dg.DagsterInstance:
+    """The Dagster instance of DAGSTER_HOME. Opening one creates its storage schema on first use;
+    concurrent first starts (cron jobs on a fresh machine) take turns, or Dagster's own
+    migrations race each other."""
+    home = ensure_dagster_home()
+    with open(home / ".atlas-open.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return dg.DagsterInstance.get()
+
+
 def start_operation(
     config: AtlasConfig,
     run_type: str,
@@ -84,7 +99,11 @@ def start_operation(
     initiator: str | None = None,
     in_process: bool = False,
     instance: dg.DagsterInstance | None = None,
+    accept_deletions: bool = False,
 ) -> StartOutcome:
+    """Create the ledger row of one operation and dispatch its run — or, when an active row of
+    the same identity exists and its work is alive, return that row and dispatch nothing. A dead
+    holder (see liveness.py) is reaped first, so a crashed start never blocks its identity."""
     rt = RUN_TYPES.get(run_type)
     if rt is None:
         raise StartError(f"unknown run type {run_type!r} (one of {', '.join(RUN_TYPES)})")
@@ -95,9 +114,18 @@ def start_operation(
     context: dict[str, Any] = {}
     tags: dict[str, str] = {TAG_RUN_TYPE: run_type}
 
+    if retry_of is not None:
+        if run_type != "backup_schedule.retry":
+            raise StartError("--retry-of applies to backup_schedule.retry only")
+        retried = _retry_schedule(ledger, retry_of)
+        if schedule and schedule != retried:
+            raise StartError(
+                f"operation run #{retry_of} is a backup of schedule {retried!r}, not {schedule!r}"
+            )
+        schedule = retried
+    if accept_deletions and run_type != "inventory.sync":
+        raise StartError("--accept-deletions applies to inventory.sync only")
     if rt.needs_schedule:
-        if retry_of is not None:
-            schedule = schedule or _retry_schedule(ledger, retry_of)
         if not schedule:
             raise StartError(f"{run_type} needs --schedule")
         try:
@@ -120,28 +148,39 @@ def start_operation(
             if scheduled_for is None:
                 raise StartError("backup_schedule.scheduled is started by its schedule only")
             context["scheduled_for"] = scheduled_for.isoformat()
-    elif retry_of is not None:
-        raise StartError("--retry-of applies to backup_schedule.retry only")
     if not connection:
         raise StartError(f"{run_type} needs --connection")
     if connection not in {c.key for c in config.provider_connections}:
         raise StartError(f"no provider connection {connection!r} in the config ({config.source})")
     conn_id = db.connection_ids(engine)[connection]  # ready_engine wrote the config's entries
     context["provider_connection_key"] = connection
+    if accept_deletions:
+        context["accept_deletions"] = True
 
-    started = ledger.start(
-        run_type,
-        provider_connection_id=conn_id,
-        trigger_source=trigger_source,
-        initiator=initiator or _whoami(),
-        context=context,
-    )
+    if in_process and instance is None:
+        instance = open_instance()
+    # An in-process start runs the work itself: the row records this process from its creation.
+    token = uuid.uuid4().hex if in_process else None
+    executor = liveness.here().to_dict() if in_process else None
+    for _ in range(5):
+        started = ledger.start(
+            run_type,
+            provider_connection_id=conn_id,
+            trigger_source=trigger_source,
+            initiator=initiator or _whoami(),
+            context=context,
+            executor=executor,
+            executor_token=token,
+        )
+        if started.created or not _settle(ledger, started.row, instance or _known_instance()):
+            break
     if not started.created:
         return StartOutcome(started.row, created=False, dispatched=False)
     tags[TAG_OPERATION_RUN_ID] = str(started.row.id)
     tags["dagster/partition"] = connection
     try:
         if in_process:
+            assert instance is not None
             row = _execute_in_process(ledger, defs, rt.job_name, connection, tags, instance)
         else:
             row = _submit(ledger, config, rt.job_name, tags, started.row)
@@ -151,6 +190,34 @@ def start_operation(
         ledger.fail_dispatch(started.row.id, one_line(exc))
         raise DispatchError(one_line(exc), ledger.get(started.row.id) or started.row) from None
     return StartOutcome(row, created=True, dispatched=True)
+
+
+def _settle(
+    ledger: OperationLedger, row: OperationRun, instance: dg.DagsterInstance | None
+) -> bool:
+    """Whether the active row a start met turned out to be over: its work is dead (reaped here),
+    or its Dagster run ended without the mirror having seen it yet."""
+    if row.status == "completed":
+        return False  # a strict identity, taken for good
+    reason = row_dead_reason(row)
+    if reason:
+        reap(ledger, row, reason, instance)
+        return True
+    if instance is not None and row.dagster_run_id:
+        fresh = mirror_run_id(ledger, instance, row.dagster_run_id)
+        return fresh is not None and fresh.status == "completed"
+    return False
+
+
+def _known_instance() -> dg.DagsterInstance | None:
+    """The Dagster instance of DAGSTER_HOME when the caller set one: then a start can settle an
+    active row whose run Dagster already ended."""
+    if not os.environ.get("DAGSTER_HOME"):
+        return None
+    try:
+        return open_instance()
+    except Exception:
+        return None
 
 
 def _retry_schedule(ledger: OperationLedger, retry_of: int) -> str:
@@ -174,15 +241,10 @@ def _execute_in_process(
     job_name: str,
     partition: str,
     tags: dict[str, str],
-    instance: dg.DagsterInstance | None,
+    instance: dg.DagsterInstance,
 ) -> OperationRun:
-    from dagster._core.utils import make_new_run_id
-
-    if instance is None:
-        ensure_dagster_home()
-        instance = dg.DagsterInstance.get()
-    sync_partitions(instance, [partition])
-    run_id = make_new_run_id()
+    ensure_partitions(instance, [partition])
+    run_id = str(uuid.uuid4())
     row_id = int(tags[TAG_OPERATION_RUN_ID])
     ledger.attach_dagster_run(row_id, run_id)
     job = defs.resolve_job_def(job_name)
@@ -192,8 +254,8 @@ def _execute_in_process(
         tags={k: v for k, v in tags.items() if k != "dagster/partition"},
         run_id=run_id,
         raise_on_error=False,
-        # The terminal shows our one-line progress; the full event log is in the Dagster UI.
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        # The full event log is in the Dagster UI.
+        run_config={"loggers": {"console": {"config": {"log_level": IN_PROCESS_LOG_LEVEL}}}},
     )
     # No daemon watches in-process runs: mirror the finished run here, by the same code path.
     row = mirror_run_id(ledger, instance, run_id)

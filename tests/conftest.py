@@ -11,7 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from atlas_dagster import db
+from atlas_dagster.config import parse_config
 from atlas_dagster.resources.database import forget_ready_engines
+from atlas_dagster.resources.ledger import OperationLedger
 from atlas_dagster.simulator import (
     GraphSimulator,
     SimulatedTenant,
@@ -144,3 +146,38 @@ def _isolated_env(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     monkeypatch.chdir(tmp_path)
+
+
+LEDGER_CONFIG = """\
+provider_connections:
+  - key: contoso
+    simulated: {profile: small, seed: 1}
+  - key: fabrikam
+    simulated: {profile: small, seed: 2}
+backup_schedules:
+  - key: contoso-nightly
+    provider_connection: contoso
+    cron: "0 2 * * *"
+"""
+
+
+@pytest.fixture
+def ledger(database_url) -> OperationLedger:
+    """The ledger over a migrated private database with two simulated connections."""
+    engine = db.engine_for(database_url)
+    db.upgrade(engine)
+    db.sync_config(engine, parse_config(LEDGER_CONFIG, "atlas.yaml", {}))
+    return OperationLedger(engine)
+
+
+@pytest.fixture
+def pg_pair() -> Iterator[tuple[str, str]]:
+    """Two fresh PostgreSQL databases: the app's and Dagster's (both use an alembic_version
+    table, so they cannot share one)."""
+    app_url = create_pg_database()
+    dagster_url = create_pg_database()
+    try:
+        yield app_url, dagster_url
+    finally:
+        drop_pg_database(app_url)
+        drop_pg_database(dagster_url)

@@ -19,7 +19,7 @@ from atlas_dagster import backup_store as store
 from atlas_dagster import cli, schema
 from atlas_dagster.assets.backups import plan_backup, set_status
 from atlas_dagster.config import load_config
-from atlas_dagster.connections import sync_partitions
+from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.mirror import mirror_run_id
 from atlas_dagster.readiness import latest_checks
@@ -36,7 +36,7 @@ from atlas_dagster.simulator import (
     install_simulator,
     uninstall_simulator,
 )
-from atlas_dagster.starts import start_operation
+from atlas_dagster.starts import StartError, start_operation
 from graph_contracts import APPS, CONTRACTS, POLICY_CONTRACTS, all_permissions
 from tests.conftest import write_config
 
@@ -593,7 +593,7 @@ def test_a_scheduled_tick_runs_a_backup_recording_its_scheduled_time(make_env):
 
 def test_a_run_launched_from_the_dagster_ui_without_tags_backs_up_the_only_schedule(make_env):
     env = make_env()
-    sync_partitions(env.instance, ["contoso"])
+    ensure_partitions(env.instance, ["contoso"])
     result = env.defs.resolve_job_def("backup_job").execute_in_process(
         instance=env.instance, partition_key="contoso", raise_on_error=False
     )
@@ -629,3 +629,27 @@ def _cli(env: Env, *args: str) -> tuple[int, str]:
     with redirect_stdout(buffer):
         code = cli.main(list(args))
     return code, buffer.getvalue()
+
+
+def test_retry_of_is_checked_even_when_a_schedule_is_named(make_env):
+    env = make_env()
+    ok, _ = _backup(env)
+    inventory = start_operation(
+        env.config,
+        "inventory.sync",
+        defs=env.defs,
+        connection="contoso",
+        in_process=True,
+        instance=env.instance,
+    ).row
+    before = len(env.ledger.list())
+    bad = [
+        (10_000, "backup_schedule.retry", "is not a backup run"),  # no such run
+        (inventory.id, "backup_schedule.retry", "is not a backup run"),
+        (ok.id, "backup_schedule.retry", "only failed or partially succeeded"),
+        (ok.id, "backup_schedule.run_now", "applies to backup_schedule.retry only"),
+    ]
+    for retry_of, run_type, message in bad:
+        with pytest.raises(StartError, match=message):
+            _start(env, run_type, retry_of=retry_of, schedule="contoso-nightly")
+    assert len(env.ledger.list()) == before, "a refused retry creates no row"

@@ -128,6 +128,44 @@ def test_variables_and_defaults_are_expanded_and_secrets_masked():
             "not valid YAML",
             id="broken-yaml",
         ),
+        pytest.param(
+            # The second block would silently replace the first.
+            _cfg() + "provider_connections:\n  - key: fabrikam\n    simulated: {seed: 2}\n",
+            {"CONTOSO_SECRET": "x"},
+            "provider_connections: duplicate key at line 7 (first given at line 1)",
+            id="duplicate-top-level-block",
+        ),
+        pytest.param(
+            _cfg(GOOD_CONNECTION + "    display_name: Contoso Again\n"),
+            {"CONTOSO_SECRET": "x"},
+            "provider_connections[contoso].display_name: duplicate key at line 7 "
+            "(first given at line 3)",
+            id="duplicate-field-in-an-entry",
+        ),
+        pytest.param(
+            "provider_connections:\n  - key: sim\n    simulated: {profile: small, profile: large}\n",
+            {},
+            "provider_connections[sim].simulated.profile: duplicate key at line 3 "
+            "(first given at line 3)",
+            id="duplicate-key-in-a-nested-mapping",
+        ),
+        pytest.param(
+            _cfg(
+                schedules=SCHEDULE
+                + SCHEDULE.replace("nightly", "weekly")
+                + "    cron: '0 3 * * 0'\n"
+            ),
+            {"CONTOSO_SECRET": "x"},
+            "backup_schedules[weekly].cron: duplicate key at line 16 (first given at line 14)",
+            id="duplicate-field-in-a-later-entry",
+        ),
+        pytest.param("", {}, "line 1: the file holds no settings", id="empty-file"),
+        pytest.param(
+            "# atlas config, to do\n\n",
+            {},
+            "line 1: the file holds no settings",
+            id="comments-only",
+        ),
     ],
 )
 def test_invalid_config_is_one_line_naming_file_entry_and_field(text, env, expected):
@@ -137,6 +175,23 @@ def test_invalid_config_is_one_line_naming_file_entry_and_field(text, env, expec
     assert message.startswith("/etc/atlas/atlas.yaml: ")
     assert expected in message
     assert "\n" not in message
+
+
+def test_an_empty_config_file_is_an_error_naming_the_file(tmp_path):
+    empty = tmp_path / "atlas.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=f"^{empty}: line 1: the file holds no settings"):
+        load_config(empty, env={})
+
+
+def test_keys_a_yaml_merge_overrides_are_not_duplicates():
+    text = (
+        "provider_connections:\n"
+        "  - key: a\n    simulated: &sim {profile: small, seed: 1}\n"
+        "  - key: b\n    simulated: {<<: *sim, seed: 2}\n"
+    )
+    sims = [c.simulated for c in parse_config(text, "a.yaml", {}).provider_connections]
+    assert [(s.profile, s.seed) for s in sims] == [("small", 1), ("small", 2)]
 
 
 def test_loopback_http_is_accepted_for_simulators():

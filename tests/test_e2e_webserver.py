@@ -146,7 +146,7 @@ backup_schedules:""",
         timeout=120,
     )
     assert started.returncode == 0, started.stderr
-    row = json.loads(started.stdout)
+    row = json.loads(started.stdout)["operation_run"]
     assert (row["status"], row["outcome"]) == ("completed", "succeeded"), row
 
     web_port = free_port()
@@ -177,7 +177,7 @@ backup_schedules:""",
         assert inventory["assetChecksOrError"]["__typename"] == "AssetChecks"
         checks = {c["name"]: c for c in inventory["assetChecksOrError"]["checks"]}
         assert {"mass_deletion", "non_empty"} <= set(checks)
-        assert checks["mass_deletion"]["blocking"] is True
+        assert checks["mass_deletion"]["blocking"] is False  # a hold warns: the run goes on
         for name in ("mass_deletion", "non_empty"):
             execution = checks[name]["executionForLatestMaterialization"]
             assert execution is not None, name
@@ -197,7 +197,6 @@ backup_schedules:""",
         assert metadata["created"] == metadata["items"], "a first sync creates every item"
         assert metadata["graph_requests"] > 0
         assert metadata["changes"].startswith("| contract | created |")
-        assert json.loads(metadata["items_per_policy_type"])
 
         run = graphql(web_port, RUN_QUERY, {"runId": row["dagster_run_id"]})["runOrError"]
         assert (run["status"], run["jobName"]) == ("SUCCESS", "inventory_sync_job")

@@ -9,6 +9,7 @@ from atlas_dagster import schema
 from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import inventory_fresh
 from atlas_dagster.connections import (
+    ensure_partitions,
     provider_connection_partitions,
     provider_connection_partitions_sensor,
 )
@@ -56,6 +57,17 @@ def test_groups_sync_makes_groups_fresh(tmp_path, sqlite_url, contoso_sim):
     assert directory_groups_fresh(dg.build_asset_check_context(), database=database).passed
 
 
+def _tick(context, instance) -> None:
+    """Evaluate the partitions sensor and apply its requests, as the sensor daemon does."""
+    result = provider_connection_partitions_sensor(context)
+    for request in result.dynamic_partitions_requests:
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+
+
 def test_partitions_follow_the_config_and_removed_data_stays(tmp_path, sqlite_url):
     cfg = write_config(tmp_path / "atlas.yaml", sqlite_url)
     extra = "  - key: fabrikam\n    simulated: {profile: small, seed: 9}\n"
@@ -65,7 +77,7 @@ def test_partitions_follow_the_config_and_removed_data_stays(tmp_path, sqlite_ur
     name = provider_connection_partitions.name
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance, resources={"database": database})
-        provider_connection_partitions_sensor(context)
+        _tick(context, instance)
         assert sorted(instance.get_dynamic_partitions(name)) == ["contoso", "fabrikam"]
         database.engine()  # a run or a start writes the connection rows
         # fabrikam leaves the config: its partition goes, its database row stays.
@@ -73,7 +85,10 @@ def test_partitions_follow_the_config_and_removed_data_stays(tmp_path, sqlite_ur
         context = dg.build_sensor_context(
             instance=instance, resources={"database": DatabaseResource(config_path=str(cfg))}
         )
-        provider_connection_partitions_sensor(context)
+        _tick(context, instance)
+        assert instance.get_dynamic_partitions(name) == ["contoso"]
+        # A start only ever adds its own key.
+        assert ensure_partitions(instance, ["contoso"]) == []
         assert instance.get_dynamic_partitions(name) == ["contoso"]
     with database.engine().connect() as conn:
         keys = {r.key for r in conn.execute(sa.select(schema.provider_connections.c.key))}

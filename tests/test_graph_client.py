@@ -275,6 +275,51 @@ def test_persistent_504_gives_up_as_unavailable():
     assert err.value.reason_code == reasons.PROVIDER_UNAVAILABLE
 
 
+GATEWAY_PAGE = (
+    "<html><head><title>502 Bad Gateway</title></head>"
+    "<body><center><h1>502 Bad Gateway</h1></center></body></html>"
+)
+
+
+def html_response(status: int, headers: dict | None = None) -> httpx.Response:
+    return httpx.Response(
+        status, text=GATEWAY_PAGE, headers={"Content-Type": "text/html", **(headers or {})}
+    )
+
+
+def test_502_with_an_html_body_is_retried_and_the_read_succeeds():
+    client, tenant, sleeps = make(
+        routes(html_response(502), html_response(502, {"Retry-After": "1.5"}), page([{"id": "a"}]))
+    )
+    assert list(client.pages("settings_catalog")) == [[{"id": "a"}]]
+    assert len(tenant.graph_requests()) == 3
+    assert 0.25 <= sleeps[0] <= 0.5  # jittered backoff, then the gateway's own Retry-After
+    assert sleeps[1] == pytest.approx(1.5)
+    assert client.stats.retries == 2 and client.stats.throttled_retries == 0
+
+
+def test_persistent_502_gives_up_as_unavailable():
+    client, tenant, _ = make(routes(html_response(502)))
+    with pytest.raises(GraphError) as err:
+        list(client.pages("settings_catalog"))
+    assert err.value.reason_code == reasons.PROVIDER_UNAVAILABLE and err.value.status == 502
+    assert len(tenant.graph_requests()) == 8
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(400, reasons.PROVIDER_BAD_RESPONSE), (500, reasons.PROVIDER_UNAVAILABLE)],
+)
+def test_html_body_on_a_status_that_is_not_retried_fails_once_with_a_one_line_error(status, reason):
+    client, tenant, sleeps = make(routes(html_response(status), page([{"id": "a"}])))
+    with pytest.raises(GraphError) as err:
+        list(client.pages("settings_catalog"))
+    assert err.value.reason_code == reason and err.value.status == status
+    assert err.value.message.startswith(f"settings_catalog: HTTP {status}")
+    assert "\n" not in err.value.message and "<html>" not in err.value.message
+    assert len(tenant.graph_requests()) == 1 and sleeps == []
+
+
 def test_timeout_is_retried():
     calls = []
 
@@ -553,6 +598,21 @@ def test_batch_of_45_ids_is_three_requests_and_retries_a_throttled_sub_request()
     assert client.stats.requests == 3
     assert client.stats.request_units == 46  # 45 reads + the retried one; envelopes are free
     assert client.stats.throttled_retries == 1
+
+
+def test_batch_sub_request_502_with_an_html_body_is_retried():
+    def answer(sub, call):
+        item = sub["url"].split("/")[3]
+        if item == "s1" and call == 1:
+            return {"status": 502, "headers": {"Content-Type": "text/html"}, "body": GATEWAY_PAGE}
+        return {"status": 200, "headers": {}, "body": {"id": item, "scriptContent": "ZWNobw=="}}
+
+    handler, seen = batch_handler(answer)
+    client, _, sleeps = make(handler)
+    results = dict(client.read_details("powershell_scripts.item", ["s0", "s1"]))
+    assert results["s1"] == {"id": "s1", "scriptContent": "ZWNobw=="}
+    assert [[s["url"].split("/")[3] for s in batch] for batch in seen] == [["s0", "s1"], ["s1"]]
+    assert len(sleeps) == 1 and client.stats.retries == 1
 
 
 def test_batch_collection_follows_each_sub_request_next_link():

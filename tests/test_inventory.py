@@ -136,7 +136,12 @@ def test_an_object_without_an_id_fails_the_type_and_every_object_counted_is_stor
     objects = [dict(o) for o in sim.tenant.policies("device_configurations")][:3]
     objects.insert(2, {"displayName": "no id"})
     result = sync_contract(
-        engine, conn_id, CONTRACTS["device_configurations"], iter(objects), threshold=1.0
+        engine,
+        conn_id,
+        CONTRACTS["device_configurations"],
+        iter(objects),
+        threshold=1.0,
+        listed_again=set,
     )
     assert result.error is not None and result.error.reason_code == "provider_bad_response"
     stored = {key for key, _ in cached_items(engine, conn_id).items()}
@@ -331,7 +336,7 @@ def test_cache_equals_tenant_after_each_sync_and_keeps_everything_after_failures
 
 
 def test_inventory_job_records_counts_and_partial_outcome(setup, tmp_path):
-    from atlas_dagster.connections import sync_partitions
+    from atlas_dagster.connections import ensure_partitions
     from atlas_dagster.definitions import build_definitions
     from atlas_dagster.starts import start_operation
 
@@ -341,7 +346,7 @@ def test_inventory_job_records_counts_and_partial_outcome(setup, tmp_path):
     sim.granted_roles = [r for r in sim.granted_roles if r != "DeviceManagementApps.Read.All"]
     defs = build_definitions(config)
     with dg.instance_for_test() as instance:
-        sync_partitions(instance, ["contoso"])
+        ensure_partitions(instance, ["contoso"])
         outcome = start_operation(
             config,
             "inventory.sync",

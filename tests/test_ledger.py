@@ -11,29 +11,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from atlas_dagster import db, schema
-from atlas_dagster.config import parse_config
 from atlas_dagster.reasons import failure
-from atlas_dagster.resources.ledger import LedgerError, OperationLedger, related_links
-
-CONFIG = """\
-provider_connections:
-  - key: contoso
-    simulated: {profile: small, seed: 1}
-  - key: fabrikam
-    simulated: {profile: small, seed: 2}
-backup_schedules:
-  - key: contoso-nightly
-    provider_connection: contoso
-    cron: "0 2 * * *"
-"""
-
-
-@pytest.fixture
-def ledger(database_url) -> OperationLedger:
-    engine = db.engine_for(database_url)
-    db.upgrade(engine)
-    db.sync_config(engine, parse_config(CONFIG, "atlas.yaml", {}))
-    return OperationLedger(engine)
+from atlas_dagster.resources.ledger import FencedOut, LedgerError, OperationLedger, related_links
 
 
 def _conn(ledger: OperationLedger, key: str) -> int:
@@ -161,10 +140,13 @@ def test_rows_only_move_forward(ledger):
         initiator="x",
     ).row
     assert row.status == "queued" and row.outcome == "pending"
-    assert ledger.mark_running(row.id, dagster_run_id="r1")
+    assert ledger.take_executor(row.id, {"host": "h", "pid": 1, "process_started": 0}, "tok")
+    assert ledger.take_slot(row.id, "tok", dagster_run_id="r1") is None
     assert ledger.complete(row.id, "failed", failures=[failure("provider_throttled", "429s")])
     # Terminal rows never move back, nor change outcome, nor take more failures.
-    assert not ledger.mark_running(row.id)
+    with pytest.raises(FencedOut):
+        ledger.take_slot(row.id, "tok")
+    assert not ledger.take_executor(row.id, {"host": "h", "pid": 1, "process_started": 0}, "t2")
     assert not ledger.complete(row.id, "succeeded")
     assert not ledger.record_progress(row.id, failures=[failure("internal_error", "late")])
     final = ledger.get(row.id)

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from atlas_dagster.assets.verification import VERIFIED_CONTRACTS
-from atlas_dagster.connections import sync_partitions
+from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.readiness import latest_checks
 from atlas_dagster.resources.database import DatabaseResource
@@ -31,7 +31,7 @@ def env(tmp_path, database_url, contoso_sim):
     config = database.config()
     sim = contoso_sim
     with dg.instance_for_test() as instance:
-        sync_partitions(instance, ["contoso"])
+        ensure_partitions(instance, ["contoso"])
         yield {
             "config": config,
             "defs": build_definitions(config),

@@ -17,9 +17,14 @@ import dagster as dg
 from sqlalchemy.engine import Engine
 
 from atlas_dagster import backup_store as store
-from atlas_dagster.assets.common import connection_for_run, graph_metadata, markdown_table
+from atlas_dagster.assets.common import (
+    connection_for_run,
+    graph_counts,
+    int_metadata,
+    table_metadata,
+)
 from atlas_dagster.config import AtlasConfig, BackupSchedule
-from atlas_dagster.connections import provider_connection_partitions, sync_partitions
+from atlas_dagster.connections import ensure_partitions, provider_connection_partitions
 from atlas_dagster.db import connection_ids
 from atlas_dagster.mirror import OperationHandle, operation_scope
 from atlas_dagster.readiness import record_denied
@@ -130,9 +135,7 @@ class BackupSummary:
             "new_payload_bytes": sum(r.stored.new_payload_bytes for r in self.results),
             "types_read": len(self.results),
             "types_failed": sum(1 for r in self.results if r.error is not None),
-            "graph_requests": self.graph.get("requests", 0),
-            "graph_request_units": self.graph.get("request_units", 0),
-            "throttled_retries": self.graph.get("throttled_retries", 0),
+            **graph_counts(self.graph),
         }
 
 
@@ -262,17 +265,8 @@ def _scheduled_for(row: OperationRun) -> datetime | None:
 
 
 def _metadata(summary: BackupSummary, handle: OperationHandle) -> dict[str, Any]:
-    rows = [
-        (
-            r.contract_key,
-            r.stored.items,
-            r.stored.new_payloads,
-            r.error.reason_code if r.error else "",
-        )
-        for r in summary.results
-    ]
     return {
-        **{k: dg.MetadataValue.int(v) for k, v in summary.counts().items()},
+        **int_metadata(summary.counts()),
         "backup_set_id": dg.MetadataValue.int(summary.set_id),
         "backup_set_status": dg.MetadataValue.text(summary.status),
         "changed_since_previous": dg.MetadataValue.json(summary.changes),
@@ -280,13 +274,23 @@ def _metadata(summary: BackupSummary, handle: OperationHandle) -> dict[str, Any]
         "retention_deleted_payloads": dg.MetadataValue.int(summary.retention.deleted_payloads),
         "duration_s": dg.MetadataValue.float(round(summary.duration_s, 3)),
         "operation_run_id": dg.MetadataValue.int(handle.id),
-        **graph_metadata(summary.graph),
-        "types": dg.MetadataValue.md(
-            markdown_table(
-                ("policy type", "items", "new payloads", "failure"),
-                rows,
-                empty="No policy type was read (everything was carried over).",
-            )
+        # The types this run read; a retry's carried-over types are in items_carried.
+        "items_per_policy_type": table_metadata(
+            (
+                ("policy_type", "string"),
+                ("items", "int"),
+                ("new_payloads", "int"),
+                ("failure", "string"),
+            ),
+            [
+                (
+                    r.contract_key,
+                    r.stored.items,
+                    r.stored.new_payloads,
+                    r.error.reason_code if r.error else "",
+                )
+                for r in summary.results
+            ],
         ),
     }
 
@@ -306,7 +310,7 @@ def backups(
     graph: GraphClientResource,
 ):
     with operation_scope(context, ledger) as handle:
-        engine = database.engine()
+        engine = handle.fenced(database.engine())
         connection, conn_id = connection_for_run(database, context.partition_key)
         schedule = resolve_schedule(engine, handle.row, conn_id)
         plan = plan_for_run(engine, ledger.ledger(), handle.row, schedule)
@@ -389,7 +393,7 @@ def scheduled_tick(
     schedule = store.find_schedule(engine, key=entry.key)
     if schedule is None:
         return dg.SkipReason(f"backup schedule {entry.key!r} is not in the database")
-    sync_partitions(context.instance, [c.key for c in database.config().provider_connections])
+    ensure_partitions(context.instance, [entry.provider_connection])
     conn_id = connection_ids(engine)[entry.provider_connection]
     scheduled_for = when.astimezone(UTC).isoformat()
     name = schedule_name(entry.key)

@@ -1,6 +1,6 @@
 """Helpers the tenant assets share: the run's connection, metadata rendering, Graph dates."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,12 +50,30 @@ def parse_graph_datetime(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def graph_metadata(graph: dict[str, int]) -> dict[str, Any]:
+def graph_counts(graph: Mapping[str, int]) -> dict[str, int]:
+    """A run's Graph traffic, under the names its ledger counts and its materialisation share
+    (one name per count, so the UI never shows the same number twice)."""
     return {
-        "graph_requests": dg.MetadataValue.int(graph.get("requests", 0)),
-        "graph_request_units": dg.MetadataValue.int(graph.get("request_units", 0)),
-        "graph_throttled_retries": dg.MetadataValue.int(graph.get("throttled_retries", 0)),
+        "graph_requests": graph.get("requests", 0),
+        "graph_request_units": graph.get("request_units", 0),
+        "graph_throttled_retries": graph.get("throttled_retries", 0),
     }
+
+
+def int_metadata(counts: Mapping[str, int]) -> dict[str, dg.IntMetadataValue]:
+    return {key: dg.MetadataValue.int(value) for key, value in counts.items()}
+
+
+def table_metadata(
+    columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]]
+) -> dg.TableMetadataValue:
+    """Rows as a table value, which the Dagster UI renders as a table it can sort (a JSON or
+    markdown string it shows as text). ``columns`` are (name, Dagster column type) pairs."""
+    names = [name for name, _ in columns]
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord(dict(zip(names, row, strict=True))) for row in rows],
+        schema=dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns]),
+    )
 
 
 def markdown_table(

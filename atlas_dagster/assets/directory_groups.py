@@ -23,7 +23,8 @@ from atlas_dagster.assets.common import (
     active_rows,
     connection_for_run,
     freshness_result,
-    graph_metadata,
+    graph_counts,
+    int_metadata,
     markdown_table,
     parse_graph_datetime,
 )
@@ -334,8 +335,7 @@ def _summary(result: GroupsResult, handle: OperationHandle) -> None:
         groups_upserted=result.upserted,
         groups_created=result.created,
         groups_removed=result.removed,
-        graph_requests=(result.graph or {}).get("requests", 0),
-        throttled_retries=(result.graph or {}).get("throttled_retries", 0),
+        **graph_counts(result.graph or {}),
     )
 
 
@@ -361,7 +361,7 @@ def directory_groups(
 ):
     with operation_scope(context, ledger) as handle:
         connection, conn_id = connection_for_run(database, context.partition_key)
-        engine = database.engine()
+        engine = handle.fenced(database.engine())
         try:
             result = run_groups_sync(engine, graph.client(connection), conn_id, context.log)
         except GraphError as exc:
@@ -379,7 +379,7 @@ def directory_groups(
                 "delta_pages": dg.MetadataValue.int(result.pages),
                 "duration_s": dg.MetadataValue.float(round(result.duration_s, 3)),
                 "operation_run_id": dg.MetadataValue.int(handle.id),
-                **graph_metadata(result.graph or {}),
+                **int_metadata(graph_counts(result.graph or {})),
                 "changes": dg.MetadataValue.md(
                     markdown_table(
                         ("mode", "created", "changed or seen", "removed"),

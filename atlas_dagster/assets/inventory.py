@@ -1,14 +1,25 @@
 """The ``inventory`` asset: every policy type of the registry, with assignments, per tenant.
 
 Reading is streamed per contract; writing is bulk. A listing that did not complete (an error, a
-403, a truncated page) deletes nothing for its type, and a complete listing that would delete more
-than the configured share of a type holds its deletions back (the blocking mass-deletion check).
+403, a truncated page) deletes nothing for its type. A listing can also end early without an
+error, so what a complete listing did not return is deleted only once a second listing agrees
+it is gone: its pages alone (no per-item reads), and only for a type that lost something.
+
+The mass-deletion guard: when the confirmed deletions of a type reach the configured share of it
+(and at least ``MASS_DELETION_MIN_ITEMS``), they are held back, recorded in the run's context as
+``held_deletions`` ({contract key: [external ids]}), and the run partially succeeds with
+``mass_deletion_held``. A run started with ``accept_deletions`` applies the deletions the
+connection's last hold listed that are still confirmed gone; newer ones face the guard again.
+
+An object that cannot be stored (see ``storage_problem``) fails alone, named in the ledger by
+contract and id; the rest of its type is synced.
 """
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import dagster as dg
@@ -20,22 +31,26 @@ from atlas_dagster.assets.common import (
     active_rows,
     connection_for_run,
     freshness_result,
-    graph_metadata,
+    graph_counts,
+    int_metadata,
     markdown_table,
     parse_graph_datetime,
+    table_metadata,
 )
 from atlas_dagster.connections import provider_connection_partitions
 from atlas_dagster.mirror import OperationHandle, operation_scope
 from atlas_dagster.readiness import record_denied
 from atlas_dagster.reasons import (
     FATAL_FOR_ALL_TYPES,
+    MASS_DELETION_HELD,
     PROVIDER_BAD_RESPONSE,
     AtlasError,
     GraphError,
+    one_line,
 )
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
-from atlas_dagster.resources.ledger import LedgerResource
+from atlas_dagster.resources.ledger import LedgerResource, OperationLedger, OperationRun
 from graph_contracts import (
     CONTRACTS,
     POLICY_CONTRACTS,
@@ -47,9 +62,17 @@ from graph_contracts import (
     object_name,
 )
 
-# The guard ignores types too small for a share to mean anything.
-MASS_DELETION_MIN_ITEMS = 3
+# Fewer deletions of a type than this are never held: one policy of one is no mass deletion.
+MASS_DELETION_MIN_ITEMS = 5
 CHUNK = 500
+# How many objects a failure message names before it only counts the rest.
+NAMED_IN_MESSAGE = 10
+
+
+def holds_deletions(deletions: int, active: int, threshold: float) -> bool:
+    """The mass-deletion guard: hold ``deletions`` of a type's ``active`` objects when they are
+    at least the minimum and at least ``threshold`` of the type."""
+    return deletions >= MASS_DELETION_MIN_ITEMS and deletions / active >= threshold
 
 
 @dataclass
@@ -60,6 +83,12 @@ class ContractResult:
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     held_back: list[str] = field(default_factory=list)
+    # Deletions applied because a run with accept_deletions found them in the last hold.
+    accepted: list[str] = field(default_factory=list)
+    # Objects the listing did not return that a second listing still did: kept, not refreshed.
+    unconfirmed: list[str] = field(default_factory=list)
+    # (external id, why) of objects that could not be stored.
+    not_stored: list[tuple[str, str]] = field(default_factory=list)
     complete: bool = False
     active_before: int = 0
     per_policy_type: dict[str, int] = field(default_factory=dict)
@@ -100,6 +129,13 @@ def item_row(
     return row, assignments
 
 
+def storage_problem(row: dict[str, Any], assignments: list[dict[str, Any]]) -> str | None:
+    """Why one object's rows cannot be stored alike on both backends, or None (pure)."""
+    tables = [(schema.inventory_items, row)]
+    tables += [(schema.inventory_assignments, a) for a in assignments]
+    return next((p for t, r in tables if (p := bulk.row_problem(t, r)) is not None), None)
+
+
 class InventoryWriter:
     """Writes one contract's listing into the cache, chunk by chunk."""
 
@@ -131,11 +167,19 @@ class InventoryWriter:
             )
         items, assignments, changed, unchanged = [], [], [], []
         for obj in objects:
-            row, rows = item_row(self.conn_id, self.contract, obj, self.now)
-            external_id = row["external_id"]
+            external_id = str(obj["id"])
             if external_id in self.seen:
                 continue  # Graph repeated an object across pages: first sight wins
-            self.seen.add(external_id)
+            self.seen.add(external_id)  # listed, so never deleted, even if it cannot be stored
+            try:
+                row, rows = item_row(self.conn_id, self.contract, obj, self.now)
+            except ValueError as exc:  # a date that is not one, text UTF-8 cannot encode
+                self.result.not_stored.append((external_id, one_line(exc)))
+                continue
+            problem = storage_problem(row, rows)
+            if problem is not None:
+                self.result.not_stored.append((external_id, problem))
+                continue
             self.result.seen += 1
             self.result.per_policy_type[row["policy_type"]] = (
                 self.result.per_policy_type.get(row["policy_type"], 0) + 1
@@ -154,6 +198,7 @@ class InventoryWriter:
         if not (items or unchanged):
             return  # no transaction (on SQLite, no write lock) for an empty chunk
         t, a = schema.inventory_items, schema.inventory_assignments
+        assignments = bulk.storable_rows(a, assignments)
         with self.engine.begin() as conn:
             if items:
                 bulk.upsert(
@@ -171,20 +216,23 @@ class InventoryWriter:
                     conn, t, t.c.external_id, unchanged, self.scope, last_seen_at=self.now
                 )
 
-    def finish(self, threshold: float) -> ContractResult:
-        """The listing completed: soft-delete what it no longer holds (unless the guard holds)."""
-        self.result.complete = True
-        missing = [
+    def unlisted(self) -> list[str]:
+        """The active cached objects the listing has not returned."""
+        return [
             k for k, (_, deleted) in self.known.items() if deleted is None and k not in self.seen
         ]
-        before = self.result.active_before
-        if (
-            missing
-            and len(missing) >= MASS_DELETION_MIN_ITEMS
-            and len(missing) > threshold * before
-        ):
-            self.result.held_back = missing
-            return self.result
+
+    def finish(
+        self, threshold: float, gone: list[str], accepted: Collection[str]
+    ) -> ContractResult:
+        """The listing completed and ``gone`` are the unlisted objects confirmed gone: soft-delete
+        those ``accepted`` from the last hold, and the others unless the guard holds them."""
+        self.result.complete = True
+        self.result.accepted = [k for k in gone if k in accepted]
+        newer = [k for k in gone if k not in accepted]
+        if newer and holds_deletions(len(newer), self.result.active_before, threshold):
+            self.result.held_back, newer = newer, []
+        missing = self.result.accepted + newer
         if missing:
             t = schema.inventory_items
             with self.engine.begin() as conn:
@@ -211,10 +259,14 @@ def sync_contract(
     objects: Iterator[dict[str, Any]],
     *,
     threshold: float,
+    listed_again: Callable[[], Iterable[str]],
+    accepted: Collection[str] = frozenset(),
     now: datetime | None = None,
 ) -> ContractResult:
     """Stream one contract's objects into the cache. A GraphError mid-listing keeps what was
-    read, deletes nothing, and is returned on the result."""
+    read, deletes nothing, and is returned on the result. An object the listing did not return
+    is deleted only when ``listed_again`` (the ids of a second listing, asked for only then)
+    lacks it too; ``accepted`` are deletions the guard no longer holds."""
     writer = InventoryWriter(engine, conn_id, contract, now or schema.utcnow())
     chunk: list[dict[str, Any]] = []
     try:
@@ -224,12 +276,79 @@ def sync_contract(
                 writer.write(chunk)
                 chunk = []
         writer.write(chunk)
+        chunk = []
+        gone = writer.unlisted()
+        if gone:
+            again = set(listed_again())
+            writer.result.unconfirmed = [k for k in gone if k in again]
+            gone = [k for k in gone if k not in again]
     except GraphError as exc:
         if chunk:
             writer.write([o for o in chunk if o.get("id") is not None])
         writer.result.error = exc
         return writer.result
-    return writer.finish(threshold)
+    return writer.finish(threshold, gone, accepted)
+
+
+def listed_ids(client: Any, contract_key: str) -> set[str]:
+    """The ids of one plain listing of a contract (its pages only: no per-item reads)."""
+    return {
+        str(obj["id"])
+        for page in client.pages(contract_key)
+        for obj in page
+        if obj.get("id") is not None
+    }
+
+
+def _named(ids: list[str]) -> str:
+    shown = ", ".join(ids[:NAMED_IN_MESSAGE])
+    return shown + (
+        f" and {len(ids) - NAMED_IN_MESSAGE} more" if len(ids) > NAMED_IN_MESSAGE else ""
+    )
+
+
+def object_failures(result: ContractResult) -> list[str]:
+    """Failure messages for what one type could not do object by object (pure)."""
+    key, messages = result.contract_key, []
+    if result.not_stored:
+        messages.append(
+            f"{key}: {len(result.not_stored)} object(s) could not be stored and were left as "
+            "they were; the rest of the type was synced: "
+            + _named([f"{i} ({why})" for i, why in result.not_stored])
+        )
+    if result.unconfirmed:
+        messages.append(
+            f"{key}: the listing ended early without an error: {len(result.unconfirmed)} "
+            "object(s) it did not return are still listed by Graph, so they were kept (not "
+            "refreshed): " + _named(result.unconfirmed)
+        )
+    return messages
+
+
+def hold_message(result: ContractResult, connection_key: str, threshold: float) -> str:
+    """The ledger's word on one type's held deletions: what, why, and how to accept them."""
+    held, before = len(result.held_back), result.active_before
+    return (
+        f"mass-deletion guard: {held} of {before} {result.contract_key} objects "
+        f"({held / before:.0%}) are gone from the tenant, at or above the {threshold:.0%} "
+        "threshold; they were kept, not deleted. If that is intended, accept these deletions "
+        f"once: atlas-dagster start inventory.sync --connection {connection_key} "
+        "--accept-deletions"
+    )
+
+
+def last_hold(ledger: OperationLedger, row: OperationRun) -> dict[str, list[str]]:
+    """The deletions the connection's last hold listed, for ``row`` to accept. The newest
+    earlier sync (of the latest 100) that held or accepted deletions decides: a hold that was
+    accepted is spent."""
+    for earlier in ledger.list(provider_connection_id=row.provider_connection_id, type=row.type):
+        if earlier.id >= row.id:
+            continue
+        if "held_deletions" in earlier.context:
+            return dict(earlier.context["held_deletions"])
+        if "accepted_deletions" in earlier.context:
+            return {}
+    return {}
 
 
 @dataclass
@@ -245,10 +364,11 @@ class InventorySummary:
             "updated": sum(len(r.updated) for r in self.results),
             "deleted": sum(len(r.deleted) for r in self.results),
             "deletions_held_back": sum(len(r.held_back) for r in self.results),
+            "deletions_accepted": sum(len(r.accepted) for r in self.results),
+            "deletions_unconfirmed": sum(len(r.unconfirmed) for r in self.results),
+            "objects_not_stored": sum(len(r.not_stored) for r in self.results),
             "contracts_failed": sum(1 for r in self.results if r.error is not None),
-            "graph_requests": self.graph.get("requests", 0),
-            "graph_request_units": self.graph.get("request_units", 0),
-            "throttled_retries": self.graph.get("throttled_retries", 0),
+            **graph_counts(self.graph),
         }
 
 
@@ -260,38 +380,43 @@ def run_inventory_sync(
     *,
     contract_keys: Iterable[str] = POLICY_CONTRACTS,
     threshold: float = 0.5,
+    accepted: Mapping[str, Collection[str]] | None = None,
     log: Any = None,
 ) -> InventorySummary:
     """Sync every contract; one failing contract never stops the others (unless the failure
-    is one no contract can escape, such as sign-in)."""
+    is one no contract can escape, such as sign-in). ``accepted``: deletions (contract key →
+    external ids) the guard no longer holds."""
     started = time.monotonic()
     before = client.stats.as_dict()
     results: list[ContractResult] = []
     for key in contract_keys:
         contract = CONTRACTS[key]
         result = sync_contract(
-            engine, conn_id, contract, client.read_policies(key), threshold=threshold
+            engine,
+            conn_id,
+            contract,
+            client.read_policies(key),
+            threshold=threshold,
+            listed_again=partial(listed_ids, client, key),
+            accepted=frozenset((accepted or {}).get(key, ())),
         )
         results.append(result)
         if log is not None:
             log.info(
                 f"{key}: {result.seen} items, +{len(result.created)} ~{len(result.updated)} "
                 f"-{len(result.deleted)}"
+                + (f", {len(result.held_back)} deletions held" if result.held_back else "")
                 + (f" ({result.error.reason_code})" if result.error else "")
             )
+        if handle is not None:
+            for message in object_failures(result):
+                handle.fail(PROVIDER_BAD_RESPONSE, message, key)
         if result.error is not None:
             record_denied(engine, conn_id, result.error, handle.id if handle else None)
             if result.error.reason_code in FATAL_FOR_ALL_TYPES:
                 raise result.error
             if handle is not None:
                 handle.fail(result.error.reason_code, str(result.error), key)
-        if result.held_back and handle is not None:
-            handle.fail(
-                PROVIDER_BAD_RESPONSE,
-                f"mass-deletion guard: {len(result.held_back)} of {result.active_before} "
-                f"{key} objects would be deleted (more than {threshold:.0%}); deletions held back",
-                key,
-            )
     graph = client.stats.since(before)
     summary = InventorySummary(results, time.monotonic() - started, graph)
     if handle is not None:
@@ -302,6 +427,37 @@ def run_inventory_sync(
             f"every policy type failed; first: {results[0].error}",
         )
     return summary
+
+
+def record_holds(
+    handle: OperationHandle,
+    summary: InventorySummary,
+    connection_key: str,
+    threshold: float,
+    accepting: bool,
+) -> None:
+    """Put the guard's verdict on the run's row: each hold as a ``mass_deletion_held`` failure
+    and its ids in ``held_deletions`` (the list a later run accepts), what this run accepted in
+    ``accepted_deletions``; a hold makes the run partially succeed."""
+    held = {r.contract_key: r.held_back for r in summary.results if r.held_back}
+    for result in summary.results:
+        if result.held_back:
+            handle.fail(
+                MASS_DELETION_HELD,
+                hold_message(result, connection_key, threshold),
+                result.contract_key,
+            )
+    context: dict[str, Any] = {}
+    if held:
+        context["held_deletions"] = held
+    if accepting:
+        context["accepted_deletions"] = {
+            r.contract_key: r.accepted for r in summary.results if r.accepted
+        }
+    if context:
+        handle.set_context(**context)
+    if held:
+        handle.declare_outcome("partially_succeeded")
 
 
 def _metadata(summary: InventorySummary, handle: OperationHandle) -> dict[str, Any]:
@@ -322,11 +478,12 @@ def _metadata(summary: InventorySummary, handle: OperationHandle) -> dict[str, A
         if r.created or r.updated or r.deleted or r.held_back or r.error
     ]
     return {
-        **{k: dg.MetadataValue.int(v) for k, v in summary.totals().items()},
-        "items_per_policy_type": dg.MetadataValue.json(dict(sorted(per_type.items()))),
+        **int_metadata(summary.totals()),
+        "items_per_policy_type": table_metadata(
+            (("policy_type", "string"), ("items", "int")), sorted(per_type.items())
+        ),
         "duration_s": dg.MetadataValue.float(round(summary.duration_s, 3)),
         "operation_run_id": dg.MetadataValue.int(handle.id),
-        **graph_metadata(summary.graph),
         "changes": dg.MetadataValue.md(
             markdown_table(
                 ("contract", "created", "updated", "deleted", "held back", "failure"),
@@ -347,8 +504,9 @@ def _metadata(summary: InventorySummary, handle: OperationHandle) -> dict[str, A
         dg.AssetCheckSpec(
             "mass_deletion",
             asset="inventory",
-            blocking=True,
-            description="No policy type lost more than the configured share in one sync.",
+            description="No policy type's deletions were held back by the mass-deletion guard "
+            "(at or above the configured share of the type). A hold warns: the rest of the "
+            "inventory was refreshed, and the held objects stay cached until accepted.",
         ),
         dg.AssetCheckSpec(
             "non_empty",
@@ -373,24 +531,31 @@ def inventory(
             if scope in (None, "all")
             else [k for k in str(scope).split(",") if k in POLICY_CONTRACTS]
         )
+        accepting = bool(handle.row.context.get("accept_deletions"))
         summary = run_inventory_sync(
-            database.engine(),
+            handle.fenced(database.engine()),
             graph.client(connection),
             conn_id,
             handle,
             contract_keys=keys,
             threshold=config.mass_deletion_threshold,
+            accepted=last_hold(handle.ledger, handle.row) if accepting else None,
             log=context.log,
         )
+        record_holds(handle, summary, connection.key, config.mass_deletion_threshold, accepting)
         held = {r.contract_key: len(r.held_back) for r in summary.results if r.held_back}
         active = active_rows(database.engine(), schema.inventory_items, conn_id)
         yield dg.MaterializeResult(metadata=_metadata(summary, handle))
         yield dg.AssetCheckResult(
             check_name="mass_deletion",
             passed=not held,
-            severity=dg.AssetCheckSeverity.ERROR,
+            severity=dg.AssetCheckSeverity.WARN,
             metadata={"held_back": dg.MetadataValue.json(held)},
-            description=None if not held else f"deletions held back for {', '.join(held)}",
+            description=None
+            if not held
+            else f"deletions held back for {', '.join(held)}; accept them once with "
+            f"`atlas-dagster start inventory.sync --connection {connection.key} "
+            "--accept-deletions`",
         )
         yield dg.AssetCheckResult(
             check_name="non_empty",

@@ -11,7 +11,7 @@ from typing import Any
 
 import dagster as dg
 
-from atlas_dagster.assets.common import connection_for_run, markdown_table
+from atlas_dagster.assets.common import connection_for_run, int_metadata, table_metadata
 from atlas_dagster.connections import provider_connection_partitions
 from atlas_dagster.mirror import operation_scope
 from atlas_dagster.readiness import MISSING_PERMISSION, PROBE_FAILED, READY, record_checks
@@ -155,7 +155,7 @@ def provider_connection_checks(
     with operation_scope(context, ledger) as handle:
         connection, conn_id = connection_for_run(database, context.partition_key)
         result = verify_connection(graph.client(connection))
-        record_checks(database.engine(), conn_id, result.checks, handle.id)
+        record_checks(handle.fenced(database.engine()), conn_id, result.checks, handle.id)
         for entry in result.failures():
             handle.fail(entry["reason_code"], entry["message"], entry.get("contract_key"))
         handle.progress(**result.counts())
@@ -166,15 +166,16 @@ def provider_connection_checks(
                 "outcome": dg.MetadataValue.text(result.outcome()),
                 "signed_in": dg.MetadataValue.bool(result.signed_in),
                 "granted_permissions": dg.MetadataValue.json(result.roles),
-                **{k: dg.MetadataValue.int(v) for k, v in result.counts().items()},
+                **int_metadata(result.counts()),
                 "operation_run_id": dg.MetadataValue.int(handle.id),
-                "readiness": dg.MetadataValue.md(
-                    markdown_table(
-                        ("contract", "policy type", "status", "to grant / reason"),
-                        checks_table(result.checks),
-                        empty="no contracts checked",
-                        limit=100,
-                    )
+                "readiness": table_metadata(
+                    (
+                        ("contract", "string"),
+                        ("policy_type", "string"),
+                        ("status", "string"),
+                        ("to_grant_or_reason", "string"),
+                    ),
+                    checks_table(result.checks),
                 ),
             }
         )

@@ -60,7 +60,8 @@ class _DropQueries(logging.Filter):
 if not any(isinstance(f, _DropQueries) for f in logging.getLogger("httpx").filters):
     logging.getLogger("httpx").addFilter(_DropQueries())
 
-RETRY_STATUSES = frozenset({429, 503, 504})
+# 502 is a gateway's blip (often with an HTML page for a body), as transient as 503 and 504.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_ATTEMPTS = 8  # per request, for throttling and 5xx
 MAX_TRANSIENT = 3  # timeouts, transport errors, malformed bodies
 MAX_RETRY_AFTER = 300.0
@@ -577,7 +578,7 @@ class GraphClient:
         failing: str,
         ids: dict[str, Any],
     ) -> float:
-        """The wait before retrying a 429/503/504 (its Retry-After, else jittered backoff),
+        """The wait before retrying a 429/502/503/504 (its Retry-After, else jittered backoff),
         counted as a retry; a GraphError once the attempts are spent."""
         if attempts >= MAX_ATTEMPTS:
             raise GraphError(

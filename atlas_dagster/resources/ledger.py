@@ -65,6 +65,11 @@ class LedgerError(Exception):
     """A start that cannot be made (unknown type, missing connection or schedule, …)."""
 
 
+class FencedOut(Exception):
+    """A write of work whose ledger row is no longer running under its executor (it completed,
+    e.g. because the reconciler found the work dead): the write is refused, nothing commits."""
+
+
 @dataclass(frozen=True)
 class OperationRun:
     id: int
@@ -83,9 +88,14 @@ class OperationRun:
     started_at: datetime | None
     completed_at: datetime | None
     updated_at: datetime
+    executor: dict[str, Any] | None = None
+    heartbeat_at: datetime | None = None
+    executor_token: str | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        # The token only fences writes; it means nothing to a reader.
+        del out["executor_token"]
         for k, v in out.items():
             if isinstance(v, datetime):
                 out[k] = v.isoformat()
@@ -164,6 +174,9 @@ def _row(r: Any) -> OperationRun:
         started_at=r.started_at,
         completed_at=r.completed_at,
         updated_at=r.updated_at,
+        executor=dict(r.executor) if r.executor else None,
+        heartbeat_at=r.heartbeat_at,
+        executor_token=r.executor_token,
     )
 
 
@@ -224,12 +237,16 @@ class OperationLedger:
         dagster_run_id: str | None = None,
         created_at: datetime | None = None,
         identity: str | None = None,
+        executor: Mapping[str, Any] | None = None,
+        executor_token: str | None = None,
     ) -> Started:
         """Create the row of a new operation, or return the row that already holds its identity.
 
         ``context`` carries the identity parts (``target_scope``, ``backup_schedule_id``,
         ``scheduled_for``; ``nonce`` is generated for nonce types when absent). ``identity``
         overrides the computed identity hash (the mirror's placeholder for adopted runs).
+        ``executor``/``executor_token`` record where the work will run when the starter runs it
+        itself (an in-process start), so the row is judged alive from its creation.
         """
         rt = RUN_TYPES.get(run_type)
         if rt is None:
@@ -265,6 +282,9 @@ class OperationLedger:
             "created_at": now,
             "started_at": None,
             "updated_at": now,
+            "executor": dict(executor) if executor else None,
+            "executor_token": executor_token,
+            "heartbeat_at": now if executor else None,
         }
         # Insert-or-find, retried because the active row we collided with may complete between
         # our failed insert and our read; then the identity is free again.
@@ -322,17 +342,94 @@ class OperationLedger:
             dagster_run_id=dagster_run_id,
         )
 
-    def mark_running(
-        self, run_id: int, *, dagster_run_id: str | None = None, started_at: datetime | None = None
-    ) -> bool:
-        values: dict[str, Any] = {
-            "status": "running",
-            # Dagster's own start time wins over the job's first sight of its run.
-            "started_at": started_at or sa.func.coalesce(self.t.c.started_at, schema.utcnow()),
-        }
-        if dagster_run_id:
-            values["dagster_run_id"] = dagster_run_id
-        return self._update(run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES), **values)
+    def take_executor(self, run_id: int, executor: Mapping[str, Any], token: str) -> bool:
+        """Record where an active row's work runs, with a fresh fencing token and heartbeat."""
+        return self._update(
+            run_id,
+            self.t.c.status.in_(schema.ACTIVE_STATUSES),
+            executor=dict(executor),
+            executor_token=token,
+            heartbeat_at=schema.utcnow(),
+        )
+
+    def heartbeat(self, run_id: int, token: str) -> bool:
+        """False once the row is no longer active under ``token``: the work has lost its row."""
+        now = schema.utcnow()
+        return self._update(
+            run_id,
+            self.t.c.status.in_(schema.ACTIVE_STATUSES) & (self.t.c.executor_token == token),
+            heartbeat_at=now,
+            updated_at=now,
+        )
+
+    def take_slot(
+        self, run_id: int, token: str, *, dagster_run_id: str | None = None
+    ) -> OperationRun | None:
+        """Mark the row running, if its tenant has no other running row: the runs of one tenant
+        are serialised whichever way they were launched (the Dagster queue limits only the runs
+        it launches). Returns the running row in the way, or None once this row runs.
+
+        The check and the update share one transaction, serialised per tenant: SQLite's write
+        transactions take the database lock up front; PostgreSQL locks the connection's row."""
+        t, pc = self.t, schema.provider_connections
+        now = schema.utcnow()
+        with self.engine.begin() as conn:
+            own = conn.execute(
+                sa.select(t.c.provider_connection_id).where(t.c.id == run_id)
+            ).first()
+            conn_id = own.provider_connection_id if own else None
+            if conn_id is not None:
+                conn.execute(sa.select(pc.c.id).where(pc.c.id == conn_id).with_for_update())
+                holder = conn.execute(
+                    sa.select(t)
+                    .where(
+                        t.c.provider_connection_id == conn_id,
+                        t.c.status == "running",
+                        t.c.id != run_id,
+                    )
+                    .order_by(t.c.id)
+                ).first()
+                if holder is not None:
+                    return _row(holder)
+            values: dict[str, Any] = {
+                "status": "running",
+                "started_at": sa.func.coalesce(t.c.started_at, now),
+                "heartbeat_at": now,
+                "updated_at": now,
+            }
+            if dagster_run_id:
+                values["dagster_run_id"] = dagster_run_id
+            result = conn.execute(
+                t.update()
+                .where(
+                    t.c.id == run_id,
+                    t.c.status.in_(schema.ACTIVE_STATUSES),
+                    t.c.executor_token == token,
+                )
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise FencedOut(f"operation run #{run_id} is no longer active under this run")
+        return None
+
+    def fence(self, conn: sa.Connection, run_id: int, token: str) -> None:
+        """Inside a write transaction: let it commit only while the row runs under ``token``.
+        The update also locks the row until the transaction ends, so a completion (by the
+        reconciler, say) waits for an in-flight write and every later write sees it."""
+        result = conn.execute(
+            self.t.update()
+            .where(
+                self.t.c.id == run_id,
+                self.t.c.status == "running",
+                self.t.c.executor_token == token,
+            )
+            .values(heartbeat_at=schema.utcnow())
+        )
+        if result.rowcount != 1:
+            raise FencedOut(
+                f"operation run #{run_id} is no longer running under this execution; "
+                "its work may not write any more"
+            )
 
     def record_progress(
         self,
@@ -341,12 +438,14 @@ class OperationLedger:
         summary_counts: Mapping[str, Any] | None = None,
         failures: Iterable[Mapping[str, Any]] = (),
         context: Mapping[str, Any] | None = None,
+        token: str | None = None,
     ) -> bool:
-        """Merge counts and context, append failures — while the row is still active."""
+        """Merge counts and context, append failures — while the row is still active (and, with
+        ``token``, still owned by that execution)."""
         with self.engine.begin() as conn:
             r = conn.execute(
                 sa.select(self.t.c.summary_counts, self.t.c.failure_summary, self.t.c.context)
-                .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
+                .where(self.t.c.id == run_id, self._owned(token))
                 .with_for_update()
             ).first()
             if r is None:
@@ -370,14 +469,16 @@ class OperationLedger:
         failures: Iterable[Mapping[str, Any]] = (),
         started_at: datetime | None = None,
         completed_at: datetime | None = None,
+        token: str | None = None,
     ) -> bool:
-        """Complete an active row. A completed row never changes again: returns False then."""
+        """Complete an active row (with ``token``: only while that execution owns it). A
+        completed row never changes again: returns False then."""
         if outcome not in OUTCOMES or outcome == "pending":
             raise LedgerError(f"not a terminal outcome: {outcome!r}")
         with self.engine.begin() as conn:
             r = conn.execute(
                 sa.select(self.t.c.failure_summary)
-                .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
+                .where(self.t.c.id == run_id, self._owned(token))
                 .with_for_update()
             ).first()
             if r is None:
@@ -392,9 +493,7 @@ class OperationLedger:
                 "failure_summary": list(r.failure_summary or []) + [dict(f) for f in failures],
             }
             result = conn.execute(
-                self.t.update()
-                .where(self.t.c.id == run_id, self.t.c.status.in_(schema.ACTIVE_STATUSES))
-                .values(**values)
+                self.t.update().where(self.t.c.id == run_id, self._owned(token)).values(**values)
             )
         return result.rowcount == 1
 
@@ -416,6 +515,10 @@ class OperationLedger:
             for i in ids
             if self.fail_dispatch(i, f"no Dagster run was launched within {grace} of the start")
         ]
+
+    def _owned(self, token: str | None) -> sa.ColumnElement[bool]:
+        active = self.t.c.status.in_(schema.ACTIVE_STATUSES)
+        return active if token is None else active & (self.t.c.executor_token == token)
 
     def _update(self, run_id: int, condition: Any, **values: Any) -> bool:
         values.setdefault("updated_at", schema.utcnow())

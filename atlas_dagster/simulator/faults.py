@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-FAULT_KINDS = frozenset({"429", "503", "timeout", "malformed", "401", "410"})
+# "no_next_link": the page is served without its @odata.nextLink, so the listing ends early
+# without an error (a one-shot only).
+FAULT_KINDS = frozenset({"429", "503", "timeout", "malformed", "401", "410", "no_next_link"})
 # Kinds a $batch sub-request can carry: its envelope is one JSON document, so a sub-response
 # cannot be cut short, and a timeout shows as the gateway's 504.
 SUB_REQUEST_KINDS = frozenset({"429", "503", "timeout", "401", "410"})

@@ -257,7 +257,7 @@ class GraphSimulator:
             self.stats.faults_injected += 1
             if fault == "timeout":
                 return _TIMEOUT
-            if fault != "malformed":
+            if fault not in ("malformed", "no_next_link"):
                 return self._respond(self._fault_reply(fault, ids), ids)
         base = self._link_base(request.url.scheme, request.url.netloc.decode())
         if key == "batch":
@@ -274,6 +274,8 @@ class GraphSimulator:
                 ids,
                 prefer=request.headers.get("Prefer"),
             )
+        if fault == "no_next_link" and isinstance(reply.body, dict):
+            reply.body.pop("@odata.nextLink", None)
         response = self._respond(reply, ids)
         if fault == "malformed":
             truncated = response.content[: max(len(response.content) // 2, 1)]
