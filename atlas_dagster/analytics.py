@@ -1,4 +1,5 @@
-"""The views of DESIGN §5 as pandas DataFrames, for analysts. Reads the database only.
+"""The human views (v_operation_runs, v_inventory_current, v_assignments_readable) as pandas
+DataFrames, for analysts. Reads the database only.
 
 >>> from atlas_dagster import analytics
 >>> analytics.operation_runs(connection="contoso", type="inventory.sync")

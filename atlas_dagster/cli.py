@@ -1,4 +1,4 @@
-"""The ``atlas-dagster`` command (DESIGN §8).
+"""The ``atlas-dagster`` command (see README.md "Command line").
 
 Exit codes: 0 succeeded, 1 operation failed, 2 bad usage or config, 3 partially succeeded.
 Errors are one line on stderr; ``-v`` adds the trace.
@@ -16,23 +16,24 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from atlas_dagster import starts
 from atlas_dagster.config import AtlasConfig, ConfigError, load_config
-from atlas_dagster.reasons import one_line
-from atlas_dagster.starts import (
+from atlas_dagster.ledger import start as starts
+from atlas_dagster.ledger.run_types import Outcome, Status
+from atlas_dagster.ledger.start import (
     DispatchError,
     StartError,
     StartOutcome,
     start_operation,
     wait_for,
 )
+from atlas_dagster.reasons import one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_BY_OUTCOME = {
-    "succeeded": EXIT_OK,
-    "partially_succeeded": EXIT_PARTIAL,
-    "failed": EXIT_FAILED,
-    "cancelled": EXIT_FAILED,
+    Outcome.SUCCEEDED: EXIT_OK,
+    Outcome.PARTIALLY_SUCCEEDED: EXIT_PARTIAL,
+    Outcome.FAILED: EXIT_FAILED,
+    Outcome.CANCELLED: EXIT_FAILED,
 }
 # What `-v` shows of an in-process run on the terminal: its step failures with their traces.
 VERBOSE_LOG_LEVEL = "WARNING"
@@ -115,10 +116,10 @@ def _already_line(row: Any) -> str:
 def _failure_line(row: Any) -> str | None:
     """The one line a run that did not fully succeed ends with: its first reason and message
     (the trace is in the Dagster event log)."""
-    if row.outcome == "succeeded" or not row.failure_summary:
+    if row.outcome == Outcome.SUCCEEDED or not row.failure_summary:
         return None
     first, more = row.failure_summary[0], len(row.failure_summary) - 1
-    level = "warning" if row.outcome == "partially_succeeded" else "error"
+    level = "warning" if row.outcome == Outcome.PARTIALLY_SUCCEEDED else "error"
     line = f"{level}: {first['reason_code']}: {first['message']}"
     if more:
         line += f" (and {more} more: atlas-dagster runs --id {row.id} --json)"
@@ -166,8 +167,8 @@ def run_start(
     _require_write_access(config, run_type)
 
     from atlas_dagster.definitions import defs
+    from atlas_dagster.ledger.store import OperationLedger
     from atlas_dagster.resources.database import ready_engine
-    from atlas_dagster.resources.ledger import OperationLedger
 
     try:
         outcome = start_operation(
@@ -188,7 +189,7 @@ def run_start(
     if not outcome.created and not as_json:
         # Flushed: a caller reading a pipe learns this before a --wait.
         print(_already_line(outcome.row), flush=True)
-    if wait and outcome.row.status != "completed":
+    if wait and outcome.row.status != Status.COMPLETED:
         outcome = replace(
             outcome,
             row=wait_for(OperationLedger(ready_engine(config)), outcome.row.id, args.timeout),
@@ -198,7 +199,7 @@ def run_start(
     row = outcome.row
     if not (wait or (in_process and outcome.created)):
         return EXIT_OK
-    if row.status != "completed":
+    if row.status != Status.COMPLETED:
         print(f"error: #{row.id} is still {row.status} after {args.timeout:g} s", file=sys.stderr)
         return EXIT_FAILED
     failure = _failure_line(row)
@@ -219,8 +220,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from atlas_dagster.db import connection_ids
+    from atlas_dagster.ledger.store import OperationLedger
     from atlas_dagster.resources.database import ready_engine
-    from atlas_dagster.resources.ledger import OperationLedger
 
     config = _config(args)
     engine = ready_engine(config)
@@ -404,7 +405,7 @@ def cmd_simulator_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from atlas_dagster.resources.ledger import RUN_TYPES
+    from atlas_dagster.ledger.run_types import RUN_TYPES
 
     parser = argparse.ArgumentParser(prog="atlas-dagster", description=__doc__)
     parser.add_argument(
@@ -444,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list operation runs")
     runs.add_argument("--connection")
     runs.add_argument("--type", choices=sorted(RUN_TYPES))
-    runs.add_argument("--status", choices=("queued", "running", "completed"))
+    runs.add_argument("--status", choices=[s.value for s in Status])
     runs.add_argument("--id", type=int, help="show one run")
     runs.add_argument("--limit", type=int, default=50)
     runs.add_argument("--json", action="store_true")

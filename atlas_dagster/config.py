@@ -1,8 +1,9 @@
-"""Loading and validating ``atlas.yaml`` (DESIGN §3).
+"""Loading and validating ``atlas.yaml``.
 
-The loader is all-or-nothing: it returns a fully validated :class:`AtlasConfig` or raises
-:class:`ConfigError` whose message is one line naming the file, the entry and the field. Secrets
-are wrapped in :class:`Secret` so that no repr, log line or error message can show them.
+The settings are typed, frozen models: unknown keys are refused and secrets are
+:class:`~pydantic.SecretStr`, so that no repr, log line or error message can show them. The loader
+is all-or-nothing: it returns a fully validated :class:`AtlasConfig` or raises
+:class:`ConfigError` whose message is one line naming the file, the line, the entry and the field.
 """
 
 from __future__ import annotations
@@ -10,14 +11,28 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import warnings
 import zoneinfo
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError, PydanticUseDefault
 
 from graph_contracts import POLICY_CONTRACTS
 
@@ -25,7 +40,8 @@ DEFAULT_DATABASE_URL = "sqlite:///.atlas/atlas.db"
 DEFAULT_GRAPH_BASE_URL = "https://graph.microsoft.com"
 DEFAULT_LOGIN_BASE_URL = "https://login.microsoftonline.com"
 DEFAULT_WEBSERVER_URL = "http://127.0.0.1:3000"
-SIMULATOR_PROFILES = ("small", "medium", "large", "xlarge")
+SimulatorProfile = Literal["small", "medium", "large", "xlarge"]
+RefreshJob = Literal["inventory_sync_job", "directory_groups_sync_job"]
 
 DEMO_CONFIG_TEXT = """\
 database_url: ${ATLAS_DATABASE_URL:-sqlite:///.atlas/atlas.db}
@@ -43,90 +59,348 @@ backup_schedules:
     enabled: true
 """
 
+# A secret setting: repr, str and format all mask it; ``get_secret_value()`` is the one way out.
+Secret = SecretStr
+
 
 class ConfigError(Exception):
     """A config that cannot be used. The message is the whole, one-line explanation."""
 
 
-class Secret:
-    """A value that is never shown: repr, str and format all mask it."""
+# --- Reading values ---------------------------------------------------------------------------
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @dataclass(frozen=True)
-class Certificate:
-    private_key_path: str
-    thumbprint: str
+class _Reading:
+    """The validation context of a config file: its values are YAML scalars that may hold
+    ``${VAR}`` references. Models built in code get no context and take their values as given."""
+
+    env: Mapping[str, str]
+
+    # Expansion happens per value after parsing, so a secret's characters can never change the
+    # YAML structure.
+    def expand(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if self.env.get(name):
+                return self.env[name]
+            if default is not None:
+                return default
+            raise _problem(f"environment variable {name} is not set")
+
+        return _VAR.sub(sub, value)
 
 
-@dataclass(frozen=True)
-class Simulated:
-    profile: str = "small"
-    seed: int = 1
+def _problem(message: str, *at: str | int) -> PydanticCustomError:
+    """A validation failure in our words, about ``at`` below the value being validated."""
+    return PydanticCustomError("atlas_config", message, {"at": at})
 
 
-@dataclass(frozen=True)
-class ProviderConnection:
-    key: str
-    display_name: str
-    tenant_id: str | None = None
-    client_id: str | None = None
-    client_secret: Secret | None = None
+def _expanded(value: Any, info: ValidationInfo) -> Any:
+    return info.context.expand(value) if isinstance(info.context, _Reading) else value
+
+
+def _given(value: Any, info: ValidationInfo) -> Any:
+    """A text setting; left blank it is not given, so its default applies (or it is missing)."""
+    value = _expanded(value, info)
+    if value is None or value == "":
+        raise PydanticUseDefault
+    return value
+
+
+def _flag(value: Any, info: ValidationInfo) -> bool:
+    value = _expanded(value, info)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise _problem("expected true or false")
+    return value
+
+
+def _at_least(minimum: int) -> Callable[[Any, ValidationInfo], int]:
+    def check(value: Any, info: ValidationInfo) -> int:
+        value = _expanded(value, info)
+        try:
+            number = int(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is None or number < minimum:
+            raise _problem(f"expected an integer of at least {minimum}")
+        return number
+
+    return check
+
+
+def _share(value: Any, info: ValidationInfo) -> float:
+    value = _expanded(value, info)
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = -1.0
+    if not 0 < share <= 1:
+        raise _problem("expected a share between 0 and 1")
+    return share
+
+
+def _one_of(allowed: Any, what: str) -> Callable[[Any, ValidationInfo], Any]:
+    """A text setting whose value must be one of the literal type ``allowed``."""
+    choices = get_args(allowed)
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        value = _given(value, info)
+        if value not in choices:
+            raise _problem(what.format(value=str(value), choices=", ".join(choices)))
+        return value
+
+    return check
+
+
+def _entries(value: Any) -> Any:
+    if not value:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise _problem("expected a list")
+    return value
+
+
+def _policy_types(value: Any, info: ValidationInfo) -> tuple[str, ...]:
+    value = _expanded(value, info)
+    if value == "all":
+        return POLICY_CONTRACTS
+    if not isinstance(value, list | tuple) or not value:
+        raise _problem("expected 'all' or a list of contract keys")
+    for item in value:
+        if item not in POLICY_CONTRACTS:
+            raise _problem(f"unknown contract {item!r}")
+    return tuple(dict.fromkeys(value))
+
+
+# --- Checking values --------------------------------------------------------------------------
+
+_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_DOMAIN = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+
+
+def _slug(key: str) -> str:
+    if not _SLUG.match(key):
+        raise _problem("must be a slug: lowercase letters, digits and '-'")
+    return key
+
+
+def _tenant(tenant_id: str) -> str:
+    if not (_GUID.match(tenant_id) or _DOMAIN.match(tenant_id)):
+        raise _problem("expected a GUID or a tenant domain name")
+    return tenant_id
+
+
+def _guid(value: str) -> str:
+    if not _GUID.match(value):
+        raise _problem("expected a GUID")
+    return value
+
+
+def _base_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _problem(f"expected an https:// URL, got {value!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise _problem("plain http:// is accepted only for loopback hosts")
+    if parts.query or parts.fragment:
+        raise _problem("must not carry a query or fragment")
+    return value.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _database_url(url: str) -> str:
+    if not url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg2:")):
+        raise _problem("expected a sqlite:/// or postgresql:// URL")
+    # A relative SQLite path is resolved once, here, so that every process (CLI, daemon, run
+    # workers) opens the same file whatever its working directory later becomes.
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite:///:memory:":
+        return prefix + str(Path(url[len(prefix) :]).resolve())
+    return url
+
+
+def _cron(expression: str) -> str:
+    # Dagster's own rule, so that every schedule the config accepts can be built. Dagster warns
+    # about out-of-range intervals itself when it builds the schedule.
+    import dagster as dg
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg.ScheduleDefinition(
+                name="cron_check", cron_schedule=expression, job_name="cron_check"
+            )
+    except dg.DagsterInvalidDefinitionError:
+        raise _problem(f"not a valid cron expression: {expression!r}") from None
+    return expression
+
+
+def _timezone(name: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _problem(f"unknown timezone {name!r}") from None
+    return name
+
+
+def _existing_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise _problem(f"no such file: {path}")
+    return path
+
+
+def _thumbprint(value: str) -> str:
+    if not re.fullmatch(r"[0-9A-Fa-f]{40}", value):
+        raise _problem("expected the 40 hex digit SHA-1 thumbprint")
+    return value.upper()
+
+
+_Text = Annotated[str, BeforeValidator(_given)]
+_Key = Annotated[_Text, AfterValidator(_slug)]
+_Url = Annotated[_Text, AfterValidator(_base_url)]
+_Cron = Annotated[_Text, AfterValidator(_cron)]
+_Timezone = Annotated[_Text, AfterValidator(_timezone)]
+_Flag = Annotated[bool, BeforeValidator(_flag)]
+_Entries = BeforeValidator(_entries)
+
+
+# --- The settings -----------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    # Frozen, so settings are hashable: engines and Graph clients are cached per config and per
+    # connection. Numbers given where text is expected read as that text.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping_of_known_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        # In a file, an unknown key is named before any field it may have been meant as.
+        if not isinstance(info.context, _Reading):
+            return data
+        if not isinstance(data, dict):
+            raise _problem(f"expected a mapping, got {type(data).__name__}")
+        allowed = sorted(name for name, spec in cls.model_fields.items() if not spec.exclude)
+        for key in data:
+            if key not in allowed:
+                raise _problem(f"unknown key (allowed: {', '.join(allowed)})", str(key))
+        return data
+
+
+class Certificate(_Model):
+    private_key_path: Annotated[_Text, AfterValidator(_existing_file)]
+    thumbprint: Annotated[_Text, AfterValidator(_thumbprint)]
+
+
+class Simulated(_Model):
+    profile: Annotated[
+        SimulatorProfile,
+        BeforeValidator(_one_of(SimulatorProfile, "unknown profile {value!r} (one of {choices})")),
+    ] = "small"
+    seed: Annotated[int, BeforeValidator(_at_least(0))] = 1
+
+
+class ProviderConnection(_Model):
+    key: _Key
+    display_name: str = Field("", validate_default=True)  # the key when not given
+    tenant_id: Annotated[_Text, AfterValidator(_tenant)] | None = None
+    client_id: Annotated[_Text, AfterValidator(_guid)] | None = None
+    client_secret: Annotated[SecretStr | None, BeforeValidator(_given)] = None
     certificate: Certificate | None = None
-    graph_base_url: str = DEFAULT_GRAPH_BASE_URL
-    login_base_url: str = DEFAULT_LOGIN_BASE_URL
+    graph_base_url: _Url = DEFAULT_GRAPH_BASE_URL
+    login_base_url: _Url = DEFAULT_LOGIN_BASE_URL
     simulated: Simulated | None = None
 
+    @field_validator("display_name", mode="before")
+    @classmethod
+    def _named(cls, value: Any, info: ValidationInfo) -> Any:
+        value = _expanded(value, info)
+        return info.data.get("key", "") if value is None or value == "" else value
 
-@dataclass(frozen=True)
-class BackupSchedule:
-    key: str
-    provider_connection: str
-    cron: str
-    timezone: str = "UTC"
-    policy_types: tuple[str, ...] = POLICY_CONTRACTS
-    retention_days: int = 30
-    enabled: bool = True
+    @model_validator(mode="after")
+    def _credentials(self) -> ProviderConnection:
+        # A simulated tenant signs in as the simulator's own app.
+        if self.simulated is None:
+            for name in ("tenant_id", "client_id"):
+                if getattr(self, name) is None:
+                    raise _problem("is required", name)
+        if self.client_secret is not None and self.certificate is not None:
+            raise _problem("give either client_secret or certificate, not both")
+        if self.simulated is None and self.client_secret is None and self.certificate is None:
+            raise _problem("is required (or a certificate)", "client_secret")
+        return self
 
 
-@dataclass(frozen=True)
-class RefreshSchedule:
+class BackupSchedule(_Model):
+    key: _Key
+    provider_connection: _Text
+    cron: _Cron
+    timezone: _Timezone = "UTC"
+    policy_types: Annotated[tuple[str, ...], BeforeValidator(_policy_types)] = POLICY_CONTRACTS
+    retention_days: Annotated[int, BeforeValidator(_at_least(1))] = 30
+    enabled: _Flag = True
+
+
+class RefreshSchedule(_Model):
     """Optional periodic refresh of the cached inventory or groups of every connection."""
 
-    key: str
-    job: str
-    cron: str
-    timezone: str = "UTC"
-    enabled: bool = True
+    key: _Key
+    job: Annotated[RefreshJob, BeforeValidator(_one_of(RefreshJob, "expected one of {choices}"))]
+    cron: _Cron
+    timezone: _Timezone = "UTC"
+    enabled: _Flag = True
 
 
-@dataclass(frozen=True)
-class AtlasConfig:
-    source: str
-    database_url: str
-    provider_connections: tuple[ProviderConnection, ...] = ()
-    backup_schedules: tuple[BackupSchedule, ...] = ()
-    refresh_schedules: tuple[RefreshSchedule, ...] = ()
-    dagster_webserver_url: str = DEFAULT_WEBSERVER_URL
-    mass_deletion_threshold: float = 0.5
+class AtlasConfig(_Model):
+    # Where the settings were read from; not itself a setting.
+    source: str = Field("", exclude=True)
+    database_url: Annotated[_Text, AfterValidator(_database_url)] = Field(
+        DEFAULT_DATABASE_URL, validate_default=True
+    )
+    provider_connections: Annotated[tuple[ProviderConnection, ...], _Entries] = ()
+    backup_schedules: Annotated[tuple[BackupSchedule, ...], _Entries] = ()
+    refresh_schedules: Annotated[tuple[RefreshSchedule, ...], _Entries] = ()
+    dagster_webserver_url: _Url = DEFAULT_WEBSERVER_URL
+    mass_deletion_threshold: Annotated[float, BeforeValidator(_share)] = 0.5
+
+    @model_validator(mode="after")
+    def _keys_and_references(self) -> AtlasConfig:
+        connections: set[str] = set()
+        # Backup and refresh schedules share one namespace: both become Dagster schedules.
+        schedules: set[str] = set()
+        for name, entries, seen in (
+            ("provider_connections", self.provider_connections, connections),
+            ("backup_schedules", self.backup_schedules, schedules),
+            ("refresh_schedules", self.refresh_schedules, schedules),
+        ):
+            for index, entry in enumerate(entries):
+                if entry.key in seen:
+                    raise _problem(f"duplicate key {entry.key!r}", name, index, "key")
+                seen.add(entry.key)
+                target = getattr(entry, "provider_connection", None)
+                if target is not None and target not in connections:
+                    raise _problem(
+                        f"no provider connection with key {target!r}",
+                        *(name, index, "provider_connection"),
+                    )
+        return self
 
     def connection(self, key: str) -> ProviderConnection:
         for conn in self.provider_connections:
@@ -173,7 +447,8 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> AtlasConfig:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        problem = _structure_problem(node)
+        layout = _Layout.of(node)
+        problem = layout.structure_problem()
         if problem is not None:
             raise ConfigError(f"{source}: {problem}")
         raw = loader.construct_document(node)
@@ -184,60 +459,104 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> AtlasConfig:
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
     finally:
         loader.dispose()
-    return _Validator(source, env).config(raw)
+    try:
+        config = AtlasConfig.model_validate(raw, context=_Reading(env))
+    except ValidationError as exc:
+        # ``from None``: pydantic's own text quotes input values, and one of them may be a secret.
+        raise ConfigError(f"{source}: {layout.explain(exc.errors()[0])}") from None
+    return config.model_copy(update={"source": source})
 
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
-
-def _structure_problem(node: yaml.Node | None) -> str | None:
-    """What YAML allows but a config must not have, as ``where: problem``: no settings at all
-    (an empty file is a mistake, not the demo), or a key given twice in one mapping, which YAML
-    loaders resolve by silently keeping the last."""
-    if node is None or node.tag == _NULL_TAG:
-        line = node.start_mark.line + 1 if node is not None else 1
-        return (
-            f"line {line}: the file holds no settings "
-            "(expected a mapping such as 'provider_connections: [...]')"
-        )
-    duplicate = _duplicate_key(node, "", set())
-    if duplicate is None:
-        return None
-    where, line, first = duplicate
-    return f"{where}: duplicate key at line {line} (first given at line {first})"
+_Path = tuple[str | int, ...]
 
 
-def _duplicate_key(node: yaml.Node, where: str, visited: set[int]) -> tuple[str, int, int] | None:
-    """The first key, in file order, given twice in one mapping under ``node``: its path (named
-    as the validator names entries and fields), its line and the line of its first use."""
-    if id(node) in visited:  # an alias of a node already checked
-        return None
-    visited.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            found = _duplicate_key(item, f"{where}[{_entry_label(item, index)}]", visited)
-            if found is not None:
-                return found
-    elif isinstance(node, yaml.MappingNode):
-        first_lines: dict[tuple[str, str], int] = {}
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
-                continue  # merged keys may be overridden; that is what a merge is for
-            path = f"{where}.{key.value}" if where else key.value
-            line = key.start_mark.line + 1
-            if (key.tag, key.value) in first_lines:
-                return path, line, first_lines[key.tag, key.value]
-            first_lines[key.tag, key.value] = line
-            found = _duplicate_key(value, path, visited)
-            if found is not None:
-                return found
-    return None
+@dataclass
+class _Layout:
+    """A YAML document's shape before construction: the line of each node by its path (mapping
+    keys and list indices, as validation errors locate values), the names messages give list
+    entries, and the first key given twice in one mapping, which YAML loaders resolve by
+    silently keeping the last."""
+
+    empty: int | None = None  # the line of a document that holds no settings
+    lines: dict[_Path, int] = field(default_factory=dict)
+    labels: dict[_Path, str] = field(default_factory=dict)
+    duplicate: tuple[_Path, int, int] | None = None
+
+    @classmethod
+    def of(cls, node: yaml.Node | None) -> _Layout:
+        if node is None or node.tag == _NULL_TAG:
+            # An empty file is a mistake, not the demo.
+            return cls(empty=node.start_mark.line + 1 if node is not None else 1)
+        layout = cls(lines={(): node.start_mark.line + 1})
+        layout._visit(node, (), set())
+        return layout
+
+    def _visit(self, node: yaml.Node, path: _Path, visited: set[int]) -> None:
+        if id(node) in visited:  # an alias of a node already seen
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.lines[(*path, index)] = item.start_mark.line + 1
+                label = _entry_label(item)
+                if label is not None:
+                    self.labels[(*path, index)] = label
+                self._visit(item, (*path, index), visited)
+        elif isinstance(node, yaml.MappingNode):
+            first_lines: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                    continue  # merged keys may be overridden; that is what a merge is for
+                line = key.start_mark.line + 1
+                self.lines[(*path, key.value)] = line
+                first = first_lines.get((key.tag, key.value))
+                if first is None:
+                    first_lines[key.tag, key.value] = line
+                elif self.duplicate is None:
+                    self.duplicate = ((*path, key.value), line, first)
+                self._visit(value, (*path, key.value), visited)
+
+    def structure_problem(self) -> str | None:
+        if self.empty is not None:
+            return (
+                f"line {self.empty}: the file holds no settings "
+                "(expected a mapping such as 'provider_connections: [...]')"
+            )
+        if self.duplicate is None:
+            return None
+        path, line, first = self.duplicate
+        return f"{self.where(path)}: duplicate key at line {line} (first given at line {first})"
+
+    def where(self, path: _Path) -> str:
+        """A path as messages name it: ``provider_connections[contoso].client_secret``."""
+        parts: list[str] = []
+        for depth, part in enumerate(path):
+            if isinstance(part, int):
+                parts.append(f"[{self.labels.get(path[: depth + 1], part)}]")
+            else:
+                parts.append(f".{part}" if parts else part)
+        return "".join(parts) or "top level"
+
+    def explain(self, error: ErrorDetails) -> str:
+        """One validation error as ``line N: entry.field: problem``."""
+        path: _Path = (*error["loc"], *error.get("ctx", {}).get("at", ()))
+        if error["type"] == "missing":
+            problem = "is required"
+        elif error["type"] == "string_type":
+            problem = f"expected a string, got {type(error['input']).__name__}"
+        else:
+            problem = error["msg"]
+        known = [self.lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in self.lines]
+        line = f"line {known[0]}: " if known else ""
+        return f"{line}{self.where(path)}: {problem}"
 
 
-def _entry_label(item: yaml.Node, index: int) -> str:
-    """A list entry's name in messages: its ``key`` when it has one, else its index."""
+def _entry_label(item: yaml.Node) -> str | None:
+    """A list entry's name in messages: its ``key`` when it has one (else its index)."""
     if isinstance(item, yaml.MappingNode):
         for key, value in item.value:
             if (
@@ -248,311 +567,4 @@ def _entry_label(item: yaml.Node, index: int) -> str:
                 and value.value
             ):
                 return value.value
-    return str(index)
-
-
-_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-_DOMAIN = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class _Validator:
-    TOP = {
-        "database_url",
-        "dagster_webserver_url",
-        "mass_deletion_threshold",
-        "provider_connections",
-        "backup_schedules",
-        "refresh_schedules",
-    }
-    CONNECTION = {
-        "key",
-        "display_name",
-        "tenant_id",
-        "client_id",
-        "client_secret",
-        "certificate",
-        "graph_base_url",
-        "login_base_url",
-        "simulated",
-    }
-    SCHEDULE = {
-        "key",
-        "provider_connection",
-        "cron",
-        "timezone",
-        "policy_types",
-        "retention_days",
-        "enabled",
-    }
-    REFRESH = {"key", "job", "cron", "timezone", "enabled"}
-    REFRESH_JOBS = ("inventory_sync_job", "directory_groups_sync_job")
-
-    def __init__(self, source: str, env: Mapping[str, str]):
-        self.source = source
-        self.env = env
-
-    def fail(self, where: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {where}: {problem}")
-
-    # Expansion happens per value after parsing, so a secret's characters can never change the
-    # YAML structure.
-    def expand(self, value: Any, where: str) -> Any:
-        if not isinstance(value, str):
-            return value
-
-        def sub(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if name in self.env and self.env[name] != "":
-                return self.env[name]
-            if default is not None:
-                return default
-            raise self.fail(where, f"environment variable {name} is not set")
-
-        return _VAR.sub(sub, value)
-
-    def mapping(self, value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(where, f"expected a mapping, got {type(value).__name__}")
-        for k in value:
-            if k not in allowed:
-                raise self.fail(
-                    f"{where}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})"
-                )
-        return value
-
-    def string(
-        self, obj: dict[str, Any], name: str, where: str, *, required: bool = False
-    ) -> str | None:
-        value = self.expand(obj.get(name), f"{where}.{name}")
-        if value is None or value == "":
-            if required:
-                raise self.fail(f"{where}.{name}", "is required")
-            return None
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise self.fail(f"{where}.{name}", f"expected a string, got {type(value).__name__}")
-        return str(value)
-
-    def boolean(self, obj: dict[str, Any], name: str, where: str, default: bool) -> bool:
-        value = self.expand(obj.get(name, default), f"{where}.{name}")
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        if not isinstance(value, bool):
-            raise self.fail(f"{where}.{name}", "expected true or false")
-        return value
-
-    def integer(
-        self, obj: dict[str, Any], name: str, where: str, default: int, minimum: int
-    ) -> int:
-        value = self.expand(obj.get(name, default), f"{where}.{name}")
-        try:
-            number = int(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or number < minimum:
-            raise self.fail(f"{where}.{name}", f"expected an integer of at least {minimum}")
-        return number
-
-    def url(self, value: str, where: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self.fail(where, f"expected an https:// URL, got {value!r}")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise self.fail(where, "plain http:// is accepted only for loopback hosts")
-        if parts.query or parts.fragment:
-            raise self.fail(where, "must not carry a query or fragment")
-        return value.rstrip("/")
-
-    def entries(self, raw: dict[str, Any], name: str) -> list[tuple[str, Any]]:
-        value = raw.get(name) or []
-        if not isinstance(value, list):
-            raise self.fail(name, "expected a list")
-        out = []
-        for index, entry in enumerate(value):
-            label = entry.get("key") if isinstance(entry, dict) else None
-            where = f"{name}[{label}]" if isinstance(label, str) and label else f"{name}[{index}]"
-            out.append((where, entry))
-        return out
-
-    def unique_key(self, obj: dict[str, Any], where: str, seen: set[str]) -> str:
-        key = self.string(obj, "key", where, required=True)
-        assert key is not None
-        if not _SLUG.match(key):
-            raise self.fail(f"{where}.key", "must be a slug: lowercase letters, digits and '-'")
-        if key in seen:
-            raise self.fail(f"{where}.key", f"duplicate key {key!r}")
-        seen.add(key)
-        return key
-
-    def config(self, raw: Any) -> AtlasConfig:
-        raw = self.mapping(raw, "top level", self.TOP)
-        database_url = self.string(raw, "database_url", "database_url") or DEFAULT_DATABASE_URL
-        if not database_url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg2:")):
-            raise self.fail("database_url", "expected a sqlite:/// or postgresql:// URL")
-        webserver = self.string(raw, "dagster_webserver_url", "dagster_webserver_url")
-        threshold_raw = self.expand(
-            raw.get("mass_deletion_threshold", 0.5), "mass_deletion_threshold"
-        )
-        try:
-            threshold = float(threshold_raw)
-        except (TypeError, ValueError):
-            threshold = -1.0
-        if not 0 < threshold <= 1:
-            raise self.fail("mass_deletion_threshold", "expected a share between 0 and 1")
-
-        connections: list[ProviderConnection] = []
-        seen: set[str] = set()
-        for where, entry in self.entries(raw, "provider_connections"):
-            connections.append(self.connection(entry, where, seen))
-
-        schedules: list[BackupSchedule] = []
-        seen = set()
-        known = {c.key for c in connections}
-        for where, entry in self.entries(raw, "backup_schedules"):
-            schedules.append(self.schedule(entry, where, seen, known))
-
-        refresh: list[RefreshSchedule] = []
-        for where, entry in self.entries(raw, "refresh_schedules"):
-            refresh.append(self.refresh(entry, where, seen))
-
-        return AtlasConfig(
-            source=self.source,
-            database_url=_absolute_sqlite(database_url),
-            provider_connections=tuple(connections),
-            backup_schedules=tuple(schedules),
-            refresh_schedules=tuple(refresh),
-            dagster_webserver_url=self.url(webserver, "dagster_webserver_url")
-            if webserver
-            else DEFAULT_WEBSERVER_URL,
-            mass_deletion_threshold=threshold,
-        )
-
-    def connection(self, entry: Any, where: str, seen: set[str]) -> ProviderConnection:
-        obj = self.mapping(entry, where, self.CONNECTION)
-        key = self.unique_key(obj, where, seen)
-        display_name = self.string(obj, "display_name", where) or key
-        simulated = None
-        if obj.get("simulated") is not None:
-            sim = self.mapping(obj["simulated"], f"{where}.simulated", {"profile", "seed"})
-            profile = self.string(sim, "profile", f"{where}.simulated") or "small"
-            if profile not in SIMULATOR_PROFILES:
-                raise self.fail(
-                    f"{where}.simulated.profile",
-                    f"unknown profile {profile!r} (one of {', '.join(SIMULATOR_PROFILES)})",
-                )
-            simulated = Simulated(profile, self.integer(sim, "seed", f"{where}.simulated", 1, 0))
-
-        tenant_id = self.string(obj, "tenant_id", where, required=simulated is None)
-        client_id = self.string(obj, "client_id", where, required=simulated is None)
-        if tenant_id is not None and not (_GUID.match(tenant_id) or _DOMAIN.match(tenant_id)):
-            raise self.fail(f"{where}.tenant_id", "expected a GUID or a tenant domain name")
-        if client_id is not None and not _GUID.match(client_id):
-            raise self.fail(f"{where}.client_id", "expected a GUID")
-
-        secret_text = self.string(obj, "client_secret", where)
-        certificate = None
-        if obj.get("certificate") is not None:
-            cw = f"{where}.certificate"
-            cert = self.mapping(obj["certificate"], cw, {"private_key_path", "thumbprint"})
-            key_path = self.string(cert, "private_key_path", cw, required=True)
-            thumbprint = self.string(cert, "thumbprint", cw, required=True)
-            assert key_path is not None and thumbprint is not None
-            if not Path(key_path).is_file():
-                raise self.fail(f"{cw}.private_key_path", f"no such file: {key_path}")
-            if not re.fullmatch(r"[0-9A-Fa-f]{40}", thumbprint):
-                raise self.fail(f"{cw}.thumbprint", "expected the 40 hex digit SHA-1 thumbprint")
-            certificate = Certificate(key_path, thumbprint.upper())
-        if secret_text and certificate:
-            raise self.fail(where, "give either client_secret or certificate, not both")
-        if simulated is None and not secret_text and certificate is None:
-            raise self.fail(f"{where}.client_secret", "is required (or a certificate)")
-
-        graph = self.string(obj, "graph_base_url", where) or DEFAULT_GRAPH_BASE_URL
-        login = self.string(obj, "login_base_url", where) or DEFAULT_LOGIN_BASE_URL
-        return ProviderConnection(
-            key=key,
-            display_name=display_name,
-            tenant_id=tenant_id,
-            client_id=client_id,
-            client_secret=Secret(secret_text) if secret_text else None,
-            certificate=certificate,
-            graph_base_url=self.url(graph, f"{where}.graph_base_url"),
-            login_base_url=self.url(login, f"{where}.login_base_url"),
-            simulated=simulated,
-        )
-
-    def cron_and_timezone(self, obj: dict[str, Any], where: str) -> tuple[str, str]:
-        cron = self.string(obj, "cron", where, required=True)
-        assert cron is not None
-        if not is_valid_cron(cron):
-            raise self.fail(f"{where}.cron", f"not a valid cron expression: {cron!r}")
-        timezone = self.string(obj, "timezone", where) or "UTC"
-        try:
-            zoneinfo.ZoneInfo(timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise self.fail(f"{where}.timezone", f"unknown timezone {timezone!r}") from None
-        return cron, timezone
-
-    def schedule(self, entry: Any, where: str, seen: set[str], known: set[str]) -> BackupSchedule:
-        obj = self.mapping(entry, where, self.SCHEDULE)
-        key = self.unique_key(obj, where, seen)
-        connection = self.string(obj, "provider_connection", where, required=True)
-        if connection not in known:
-            raise self.fail(
-                f"{where}.provider_connection", f"no provider connection with key {connection!r}"
-            )
-        cron, timezone = self.cron_and_timezone(obj, where)
-        raw_types = self.expand(obj.get("policy_types", "all"), f"{where}.policy_types")
-        if raw_types == "all":
-            policy_types = POLICY_CONTRACTS
-        elif isinstance(raw_types, list) and raw_types:
-            for item in raw_types:
-                if item not in POLICY_CONTRACTS:
-                    raise self.fail(f"{where}.policy_types", f"unknown contract {item!r}")
-            policy_types = tuple(dict.fromkeys(raw_types))
-        else:
-            raise self.fail(f"{where}.policy_types", "expected 'all' or a list of contract keys")
-        return BackupSchedule(
-            key=key,
-            provider_connection=connection,
-            cron=cron,
-            timezone=timezone,
-            policy_types=policy_types,
-            retention_days=self.integer(obj, "retention_days", where, 30, 1),
-            enabled=self.boolean(obj, "enabled", where, True),
-        )
-
-    def refresh(self, entry: Any, where: str, seen: set[str]) -> RefreshSchedule:
-        obj = self.mapping(entry, where, self.REFRESH)
-        key = self.unique_key(obj, where, seen)
-        job = self.string(obj, "job", where, required=True)
-        if job not in self.REFRESH_JOBS:
-            raise self.fail(f"{where}.job", f"expected one of {', '.join(self.REFRESH_JOBS)}")
-        assert job is not None
-        cron, timezone = self.cron_and_timezone(obj, where)
-        return RefreshSchedule(key, job, cron, timezone, self.boolean(obj, "enabled", where, True))
-
-
-def is_valid_cron(expr: str) -> bool:
-    from dagster._utils.schedules import is_valid_cron_string
-
-    return is_valid_cron_string(expr)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _absolute_sqlite(url: str) -> str:
-    # A relative SQLite path is resolved once, here, so that every process (CLI, daemon, run
-    # workers) opens the same file whatever its working directory later becomes.
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite:///:memory:":
-        return prefix + str(Path(url[len(prefix) :]).resolve())
-    return url
+    return None

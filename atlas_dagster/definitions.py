@@ -6,7 +6,7 @@ happens when runs, sensors or schedules execute.
 
 import dagster as dg
 
-from atlas_dagster import connections, mirror
+from atlas_dagster import connections
 from atlas_dagster.assets.backups import backup_job, backup_schedules, backups
 from atlas_dagster.assets.directory_groups import (
     directory_groups,
@@ -19,6 +19,7 @@ from atlas_dagster.assets.verification import (
     provider_connection_verify_job,
 )
 from atlas_dagster.config import AtlasConfig, ConfigError
+from atlas_dagster.ledger.sensors import mirror_sensors, operation_runs_reconciler
 from atlas_dagster.resources.database import DatabaseResource, cached_config
 from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
@@ -44,8 +45,8 @@ def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
             *backup_schedules(config),
         ],
         sensors=[
-            *mirror.mirror_sensors,
-            mirror.operation_runs_reconciler,
+            *mirror_sensors,
+            operation_runs_reconciler,
             connections.provider_connection_partitions_sensor,
         ],
         # One step per job: run it in the run worker itself, so stopping the worker stops the
@@ -53,7 +54,7 @@ def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
         executor=dg.in_process_executor,
         resources={
             "database": database,
-            "ledger": LedgerResource(database=database),
+            "ledger": LedgerResource(),
             "graph": GraphClientResource(),
         },
     )

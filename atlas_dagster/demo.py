@@ -10,9 +10,10 @@ import sqlalchemy as sa
 
 from atlas_dagster import schema
 from atlas_dagster.config import AtlasConfig
+from atlas_dagster.ledger.run_types import Outcome
+from atlas_dagster.ledger.start import ensure_dagster_home, job_names, start_operation
+from atlas_dagster.ledger.store import OperationLedger
 from atlas_dagster.resources.database import ready_engine
-from atlas_dagster.resources.ledger import OperationLedger
-from atlas_dagster.starts import ensure_dagster_home, job_names, start_operation
 
 SUMMARY_TABLES = (
     "provider_connections",
@@ -48,7 +49,7 @@ def run_demo(config: AtlasConfig, out=sys.stdout) -> int:
     home = ensure_dagster_home()
     engine = ready_engine(config)
     available = job_names(defs)
-    from atlas_dagster.resources.ledger import RUN_TYPES
+    from atlas_dagster.ledger.run_types import RUN_TYPES
 
     steps = [s for s in _steps(config) if RUN_TYPES[s[1]].job_name in available]
     print(
@@ -69,7 +70,7 @@ def run_demo(config: AtlasConfig, out=sys.stdout) -> int:
             + (f" — {reasons}" if reasons else ""),
             file=out,
         )
-        if row.outcome in ("failed", "cancelled"):
+        if row.outcome in (Outcome.FAILED, Outcome.CANCELLED):
             worst = 1
     _summary(engine, out)
     return worst

@@ -1,4 +1,4 @@
-"""Reason codes of the operation ledger (DESIGN §6) and the errors that carry them."""
+"""Reason codes of the operation ledger and the errors that carry them (docs/architecture.md)."""
 
 from __future__ import annotations
 

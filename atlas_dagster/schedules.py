@@ -9,12 +9,8 @@ import dagster as dg
 from atlas_dagster.config import AtlasConfig, RefreshSchedule
 from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.db import connection_ids
-from atlas_dagster.resources.ledger import (
-    JOB_TYPES,
-    TAG_OPERATION_RUN_ID,
-    TAG_RUN_TYPE,
-    LedgerResource,
-)
+from atlas_dagster.ledger.run_types import JOB_TYPES, TAG_OPERATION_RUN_ID, TAG_RUN_TYPE
+from atlas_dagster.resources.ledger import LedgerResource
 
 
 def dagster_name(prefix: str, key: str) -> str:
@@ -28,7 +24,7 @@ def refresh_schedules(config: AtlasConfig, jobs: dict[str, object]) -> list[dg.S
 
 
 def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
-    run_type = JOB_TYPES[entry.job]
+    run_type = JOB_TYPES[entry.job].name
 
     @dg.schedule(
         name=dagster_name("refresh", entry.key),
@@ -41,7 +37,7 @@ def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
         description=f"Refreshes {run_type} for every provider connection.",
     )
     def _schedule(context: dg.ScheduleEvaluationContext, ledger: LedgerResource):
-        database = ledger.database
+        database = ledger
         keys = [c.key for c in database.config().provider_connections]
         ensure_partitions(context.instance, keys)
         ids = connection_ids(database.engine())

@@ -1,4 +1,4 @@
-"""The application database schema (DESIGN §5), as SQLAlchemy Core tables.
+"""The application database schema (the analysts' contract), as SQLAlchemy Core tables.
 
 The same schema serves SQLite (embedded default) and PostgreSQL (production); Alembic migrations
 under ``migrations/`` create it, and a test checks that migrating to head yields exactly these
@@ -281,7 +281,7 @@ provider_connection_checks = sa.Table(
     sa.PrimaryKeyConstraint("provider_connection_id", "contract_key"),
 )
 
-# Views for humans (DESIGN §5). Plain SQL that both SQLite and PostgreSQL accept.
+# Views for humans. Plain SQL that both SQLite and PostgreSQL accept.
 VIEWS: dict[str, str] = {
     "v_operation_runs": """
         SELECT r.id, pc.key AS provider_connection, r.provider_connection_id, r.type, r.status,

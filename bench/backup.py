@@ -1,11 +1,14 @@
 """Benchmark: a backup of a simulated tenant, then an unchanged second backup.
 
-Prints, as JSON: items, payloads and bytes stored, wall time, and the request units of the first
-backup against the minimum (list pages plus the per-item reads Graph cannot return inline; target:
-at most 5 % over — the script exits 1 when it is over). A request unit is a request or a
-``$batch`` sub-request. The second backup must store no new payload.
+Prints, as JSON: items, payloads and bytes stored, wall time, throttled retries, and the request
+units of the first backup against the minimum (list pages plus the per-item reads Graph cannot
+return inline; target: at most 5 % over — the script exits 1 when it is over). A request unit
+is a request or a ``$batch`` sub-request. The second backup must store no new payload.
 
-    python bench/backup.py [--profile large] [--database-url postgresql://...]
+    python bench/backup.py [--profile large] [--latency-ms 30] [--database-url postgresql://...]
+
+``--latency-ms`` delays every simulated Graph response (sign-in excepted), as a tenant across the
+network would.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _shared_names(engine, set_id: int) -> dict:
     }
 
 
-def run(profile: str, database_url: str) -> dict:
+def run(profile: str, database_url: str, latency_ms: float = 0.0) -> dict:
     from atlas_dagster import backup_store as store
     from atlas_dagster.config import parse_config
     from atlas_dagster.resources.database import ready_engine
@@ -79,6 +82,7 @@ def run(profile: str, database_url: str) -> dict:
     install_simulator("bench", sim)
     client = client_for(config.connection("bench"))
     client.token_claims()  # sign in outside the measurement
+    sim.faults.latency_s = latency_ms / 1000
     schedule = store.find_schedule(engine, key="bench-nightly")
     assert schedule is not None
     first, first_wall = _backup(engine, client, schedule)
@@ -89,6 +93,7 @@ def run(profile: str, database_url: str) -> dict:
     return {
         "profile": profile,
         "backend": engine.dialect.name,
+        "latency_ms": latency_ms,
         "first": {**first, "wall_s": round(first_wall, 2)},
         "second_unchanged": {**second, "wall_s": round(second_wall, 2)},
         "request_units": units,
@@ -101,11 +106,12 @@ def run(profile: str, database_url: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", default="large")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="per simulated response")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        result = run(args.profile, url)
+        result = run(args.profile, url, args.latency_ms)
     print(json.dumps(result, indent=2))
     problems = []
     if result["overhead_pct"] > MAX_OVERHEAD_PCT:

@@ -1,12 +1,14 @@
 """Benchmark: full and no-change incremental syncs of simulated tenants into SQLite and PostgreSQL.
 
-Prints, per profile and backend: wall time, rows/s, Graph requests and peak RSS, for the groups
-sync (delta) and the inventory sync. Each scenario runs in its own process, so peak RSS is that
-scenario's alone; the simulator serves it from another process over loopback HTTP (`atlas-dagster
-simulator serve`), as Graph would from across the network, so its work is not counted as ours.
+Prints, per profile and backend: wall time, rows/s, Graph requests, request units, throttled
+retries and peak RSS, for the groups sync (delta) and the inventory sync. Each scenario runs in its
+own process, so peak RSS is that scenario's alone; the simulator serves it from another process
+over loopback HTTP, as Graph would from across the network, so its work is not counted as ours.
+``--latency-ms`` delays each of its responses, as a tenant across the network would.
 
     python bench/sync.py                                  # small, large, xlarge on both backends
     python bench/sync.py --profiles xlarge --backends postgres --only groups
+    python bench/sync.py --profiles medium --latency-ms 30
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def _peak_rss_mb() -> float:
 def scenario(profile: str, database_url: str, only: str, served: str) -> dict:
     """Runs in a child process: full sync, then a no-change incremental sync."""
     from atlas_dagster import db
+    from atlas_dagster.assets.common import graph_counts
     from atlas_dagster.assets.directory_groups import run_groups_sync
     from atlas_dagster.assets.inventory import run_inventory_sync
     from atlas_dagster.config import parse_config
@@ -56,17 +59,17 @@ def scenario(profile: str, database_url: str, only: str, served: str) -> dict:
     out: dict = {"profile": profile, "backend": engine.dialect.name}
     for phase in ("full", "incremental"):
         if only in ("all", "groups"):
-            before, started = client.stats.requests, time.perf_counter()
+            before, started = client.stats.as_dict(), time.perf_counter()
             result = run_groups_sync(engine, client, conn_id)
             wall = time.perf_counter() - started
             out[f"groups_{phase}"] = {
                 "rows": result.upserted,
                 "wall_s": round(wall, 2),
                 "rows_per_s": round(result.upserted / wall) if wall and result.upserted else 0,
-                "graph_requests": client.stats.requests - before,
+                **graph_counts(client.stats.since(before)),
             }
         if only in ("all", "inventory"):
-            before, started = client.stats.requests, time.perf_counter()
+            before, started = client.stats.as_dict(), time.perf_counter()
             summary = run_inventory_sync(engine, client, conn_id, None)
             wall = time.perf_counter() - started
             items = summary.totals()["items"]
@@ -75,8 +78,7 @@ def scenario(profile: str, database_url: str, only: str, served: str) -> dict:
                 "written": summary.totals()["created"] + summary.totals()["updated"],
                 "wall_s": round(wall, 2),
                 "items_per_s": round(items / wall) if wall else 0,
-                "graph_requests": client.stats.requests - before,
-                "graph_request_units": summary.graph.get("request_units", 0),
+                **graph_counts(client.stats.since(before)),
             }
     out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     engine.dispose()
@@ -112,50 +114,51 @@ def main() -> None:
     parser.add_argument("--profiles", default="small,large,xlarge")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--only", default="all", choices=("all", "groups", "inventory"))
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="per simulated response")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(scenario(*args.child[:2], args.only, args.child[2])))
         return
+    if args.serve:
+        serve(args.serve, args.latency_ms)
+        return
     for profile in args.profiles.split(","):
-        with _simulator(profile) as served:
+        with _simulator(profile, args.latency_ms) as served:
             _profile(profile, served, args)
 
 
-@contextlib.contextmanager
-def _simulator(profile: str):
-    """`atlas-dagster simulator serve` on a free loopback port; yields "url,tenant,client"."""
-    import re
-    import socket
+def serve(profile: str, latency_ms: float) -> None:
+    """Runs in a child process: the simulated tenant on a free loopback port, each response
+    ``latency_ms`` late. Prints "url,tenant,client" once it listens; serves until stdin closes,
+    so it ends with the benchmark however that ends."""
+    from atlas_dagster.simulator import GraphSimulator, SimulatedTenant
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    sim = GraphSimulator(SimulatedTenant.generate(profile, 1))
+    sim.faults.latency_s = latency_ms / 1000
+    with sim.serve() as base_url:
+        print(f"{base_url},{sim.tenant.tenant_id},{sim.tenant.client_id}", flush=True)
+        sys.stdin.read()
+
+
+@contextlib.contextmanager
+def _simulator(profile: str, latency_ms: float):
+    """The `serve` child for ``profile``; yields "url,tenant,client"."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atlas_dagster.cli",
-            "simulator",
-            "serve",
-            "--port",
-            str(port),
-            "--profile",
-            profile,
-            "--seed",
-            "1",
-        ],
+        [sys.executable, __file__, "--serve", profile, "--latency-ms", str(latency_ms)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        found = re.search(r"at (\S+) tenant_id=(\S+) client_id=(\S+)", line)
-        if not found:
+        line = proc.stdout.readline().strip() if proc.stdout else ""
+        if line.count(",") != 2:
             raise RuntimeError(f"the simulator did not start: {line!r}")
-        yield ",".join(found.groups())
+        yield line
     finally:
-        proc.terminate()
+        if proc.stdin:
+            proc.stdin.close()
         proc.wait(timeout=10)
 
 

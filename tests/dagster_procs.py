@@ -25,7 +25,7 @@ import psutil
 import yaml
 
 from atlas_dagster.db import sqlalchemy_url
-from atlas_dagster.starts import INSTANCE_TEMPLATE
+from atlas_dagster.ledger.start import INSTANCE_TEMPLATE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKSPACE = REPO_ROOT / "workspace.yaml"

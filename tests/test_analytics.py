@@ -7,9 +7,9 @@ import sqlalchemy as sa
 from atlas_dagster import analytics, db
 from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import run_inventory_sync
+from atlas_dagster.ledger.store import OperationLedger
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import client_for
-from atlas_dagster.resources.ledger import OperationLedger
 from tests.conftest import write_config
 
 

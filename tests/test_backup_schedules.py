@@ -10,14 +10,10 @@ import pytest
 
 from atlas_dagster.config import load_config
 from atlas_dagster.definitions import build_definitions
+from atlas_dagster.ledger.run_types import TAG_BACKUP_SCHEDULE, TAG_OPERATION_RUN_ID, TAG_RUN_TYPE
+from atlas_dagster.ledger.store import OperationLedger
 from atlas_dagster.resources.database import DatabaseResource
-from atlas_dagster.resources.ledger import (
-    TAG_BACKUP_SCHEDULE,
-    TAG_OPERATION_RUN_ID,
-    TAG_RUN_TYPE,
-    LedgerResource,
-    OperationLedger,
-)
+from atlas_dagster.resources.ledger import LedgerResource
 from tests.conftest import write_config
 
 WEEKLY_DISABLED = """\
@@ -41,7 +37,7 @@ def env(tmp_path, database_url):
         yield {
             "defs": defs,
             "instance": instance,
-            "ledger_resource": LedgerResource(database=database),
+            "ledger_resource": LedgerResource(config_path=database.config_path),
             "ledger": OperationLedger(database.engine()),
         }
 

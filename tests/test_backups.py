@@ -21,22 +21,18 @@ from atlas_dagster.assets.backups import plan_backup, set_status
 from atlas_dagster.config import load_config
 from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.definitions import build_definitions
-from atlas_dagster.mirror import mirror_run_id
+from atlas_dagster.ledger.mirror import mirror_run_id
+from atlas_dagster.ledger.start import StartError, start_operation
+from atlas_dagster.ledger.store import OperationLedger, OperationRun, related_links
 from atlas_dagster.readiness import latest_checks
-from atlas_dagster.resources.database import DatabaseResource, ready_engine
-from atlas_dagster.resources.ledger import (
-    LedgerResource,
-    OperationLedger,
-    OperationRun,
-    related_links,
-)
+from atlas_dagster.resources.database import ready_engine
+from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.simulator import (
     GraphSimulator,
     SimulatedTenant,
     install_simulator,
     uninstall_simulator,
 )
-from atlas_dagster.starts import StartError, start_operation
 from graph_contracts import APPS, CONTRACTS, POLICY_CONTRACTS, all_permissions
 from tests.conftest import write_config
 
@@ -569,7 +565,7 @@ def test_a_scheduled_tick_runs_a_backup_recording_its_scheduled_time(make_env):
     env = make_env()
     when = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
     schedule = env.defs.get_schedule_def("backup_schedule__contoso_nightly")
-    ledger_resource = LedgerResource(database=DatabaseResource())
+    ledger_resource = LedgerResource()
     with dg.build_schedule_context(
         instance=env.instance,
         scheduled_execution_time=when,

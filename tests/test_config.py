@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from atlas_dagster.config import ConfigError, Secret, load_config, parse_config
+from atlas_dagster.config import ConfigError, load_config, parse_config
 from tests.conftest import write_config
 
 GOOD_CONNECTION = """\
@@ -63,7 +64,7 @@ def test_variables_and_defaults_are_expanded_and_secrets_masked():
     )
     assert config.database_url == "sqlite:////tmp/x.db"
     secret = config.provider_connections[0].client_secret
-    assert isinstance(secret, Secret) and secret.reveal() == "p@ss: {not yaml}"
+    assert isinstance(secret, SecretStr) and secret.get_secret_value() == "p@ss: {not yaml}"
     assert "p@ss" not in repr(config) and "p@ss" not in str(secret)
 
 

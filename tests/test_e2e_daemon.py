@@ -27,7 +27,8 @@ from dagster import DagsterEventType, DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
 
 from atlas_dagster.db import sqlalchemy_url
-from atlas_dagster.resources.ledger import TAG_OPERATION_RUN_ID, OperationLedger, OperationRun
+from atlas_dagster.ledger.run_types import TAG_OPERATION_RUN_ID
+from atlas_dagster.ledger.store import OperationLedger, OperationRun
 from tests.dagster_procs import (
     BIN,
     LOCATION_NAME,

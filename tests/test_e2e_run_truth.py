@@ -23,10 +23,10 @@ from atlas_dagster import db, schema
 from atlas_dagster.config import load_config
 from atlas_dagster.connections import provider_connection_partitions
 from atlas_dagster.definitions import build_definitions
-from atlas_dagster.resources.ledger import OperationLedger
+from atlas_dagster.ledger.start import start_operation
+from atlas_dagster.ledger.store import OperationLedger
 from atlas_dagster.simulator import GraphSimulator, SimulatedTenant
 from atlas_dagster.simulator.server import DEFAULT_SECRET
-from atlas_dagster.starts import start_operation
 from tests.dagster_procs import dagster_processes, free_port, process_env, write_instance
 from tests.test_e2e_daemon import _cli_start, _reasons, _worker_pid
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from atlas_dagster.resources.ledger import TAG_OPERATION_RUN_ID
+from atlas_dagster.ledger.run_types import TAG_OPERATION_RUN_ID
 from tests.conftest import write_config
 from tests.dagster_procs import BIN, dagster_processes, free_port, graphql, process_env
 

@@ -14,15 +14,9 @@ import pytest
 
 from atlas_dagster import reasons
 from atlas_dagster.config import Certificate, ProviderConnection, Secret
+from atlas_dagster.graph import GraphClient, TokenBucket, parse_error_body, retry_after_seconds
 from atlas_dagster.reasons import DeltaExpired, GraphError
-from atlas_dagster.resources.graph import (
-    GraphClient,
-    GraphClientResource,
-    TokenBucket,
-    client_for,
-    parse_error_body,
-    retry_after_seconds,
-)
+from atlas_dagster.resources.graph import GraphClientResource, client_for
 
 TENANT = "6f1c2d3e-0000-4000-8000-000000000001"
 CLIENT = "1b2c3d4e-0000-4000-8000-000000000002"
@@ -835,7 +829,10 @@ def test_certificate_credential_signs_a_client_assertion(tmp_path):
     key_path = tmp_path / "app.pem"
     key_path.write_bytes(pem)
     tenant = FakeTenant(routes(page([])))
-    conn = connection(client_secret=None, certificate=Certificate(str(key_path), "AB" * 20))
+    conn = connection(
+        client_secret=None,
+        certificate=Certificate(private_key_path=str(key_path), thumbprint="AB" * 20),
+    )
     client = GraphClient(conn, transport=httpx.MockTransport(tenant), bucket=TokenBucket())
     assert client.token_claims()["tid"] == TENANT
     form = parse_qs(tenant.token_posts[0].content.decode())

@@ -11,11 +11,11 @@ import httpx
 import pytest
 
 from atlas_dagster.config import ProviderConnection, Secret
-from atlas_dagster.resources.graph import GraphClient, TokenBucket, matching_contracts
+from atlas_dagster.graph import GraphClient, TokenBucket, path_pattern
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIENT_MODULES = {"atlas_dagster/resources/graph.py", "atlas_dagster/resources/graph_auth.py"}
+CLIENT_PACKAGE = "atlas_dagster/graph/"
 NETWORK_IMPORTS = {"httpx", "msal"}
 GRAPH_HOST = re.compile(r"graph\.microsoft\.com", re.IGNORECASE)
 # Fragments of Graph request paths: version roots, the resource roots the contracts read, $batch.
@@ -31,7 +31,20 @@ def guarded_files() -> list[Path]:
 
 
 def exempt(rel: str) -> bool:
-    return rel in CLIENT_MODULES or rel.startswith("atlas_dagster/simulator/")
+    return rel.startswith((CLIENT_PACKAGE, "atlas_dagster/simulator/"))
+
+
+PATTERNS = {key: path_pattern(c) for key, c in CONTRACTS.items()}
+
+
+def matching_contracts(version_path: str) -> list[str]:
+    """Contract keys whose template matches ``/{version}/path`` (query ignored)."""
+    version, _, rest = version_path.lstrip("/").partition("/")
+    return [
+        key
+        for key, c in CONTRACTS.items()
+        if c.api_version == version and PATTERNS[key].match("/" + rest)
+    ]
 
 
 def docstring_nodes(tree: ast.AST) -> set[int]:

@@ -338,7 +338,7 @@ def test_cache_equals_tenant_after_each_sync_and_keeps_everything_after_failures
 def test_inventory_job_records_counts_and_partial_outcome(setup, tmp_path):
     from atlas_dagster.connections import ensure_partitions
     from atlas_dagster.definitions import build_definitions
-    from atlas_dagster.starts import start_operation
+    from atlas_dagster.ledger.start import start_operation
 
     database = setup["database"]
     config = database.config()

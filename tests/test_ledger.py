@@ -11,8 +11,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from atlas_dagster import db, schema
+from atlas_dagster.ledger.store import FencedOut, LedgerError, OperationLedger, related_links
 from atlas_dagster.reasons import failure
-from atlas_dagster.resources.ledger import FencedOut, LedgerError, OperationLedger, related_links
 
 
 def _conn(ledger: OperationLedger, key: str) -> int:

@@ -11,9 +11,11 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from atlas_dagster import db, liveness, schema
-from atlas_dagster.mirror import FencedEngine, claim, reap_dead, row_dead_reason
-from atlas_dagster.resources.ledger import FencedOut, OperationLedger
+from atlas_dagster import db, schema
+from atlas_dagster.ledger import liveness
+from atlas_dagster.ledger.job import FencedEngine, claim
+from atlas_dagster.ledger.reconcile import reap_dead, row_dead_reason
+from atlas_dagster.ledger.store import FencedOut, OperationLedger
 
 
 def _start(ledger: OperationLedger, run_type: str = "inventory.sync", **kw):
@@ -99,7 +101,7 @@ def test_one_running_row_per_tenant_whatever_its_type(ledger):
 def test_a_claim_waits_for_the_tenants_running_row_and_says_so(ledger):
     import dagster as dg
 
-    from atlas_dagster.resources.ledger import TAG_OPERATION_RUN_ID
+    from atlas_dagster.ledger.run_types import TAG_OPERATION_RUN_ID
 
     me = liveness.here().to_dict()
     holder = _start(ledger).row

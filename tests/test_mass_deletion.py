@@ -2,11 +2,13 @@
 and lists what it held; ``accept_deletions`` applies exactly that list, nothing newer; a listing
 that ended early deletes only what a second listing confirms gone."""
 
+from types import SimpleNamespace
+
 import dagster as dg
 import sqlalchemy as sa
 
 from atlas_dagster import schema
-from atlas_dagster.assets.inventory import holds_deletions
+from atlas_dagster.assets.inventory import holds_deletions, last_hold
 from tests.test_nul_strings import _start, env_fixture  # noqa: F401  (the fixture `env`)
 
 
@@ -17,6 +19,29 @@ def test_the_guard_holds_at_the_threshold_and_only_from_a_minimum_count():
     assert not holds_deletions(1, 1, 0.5)  # one policy of one is no mass deletion
     assert not holds_deletions(4, 4, 0.5)
     assert holds_deletions(5, 5, 1.0)
+
+
+def test_the_last_hold_is_decided_per_type_by_the_newest_sync_that_held_or_accepted_it():
+    def run(run_id, **context):
+        return SimpleNamespace(id=run_id, context=context)
+
+    class Ledger:
+        def list(self, *, provider_connection_id, type):
+            return [  # newest first
+                run(5, accepted_deletions={"a": ["a1"]}),
+                run(4, held_deletions={"b": ["b2"]}),
+                run(3),
+                run(2, held_deletions={"a": ["a1", "a2"], "b": ["b1"], "c": ["c1"]}),
+            ]
+
+    current = SimpleNamespace(id=6, provider_connection_id=1, type="inventory.sync")
+    # a: accepted by run 5 (spent); b: run 4's newer hold; c: still run 2's.
+    assert last_hold(Ledger(), current) == {"b": ["b2"], "c": ["c1"]}
+    assert last_hold(Ledger(), SimpleNamespace(**{**vars(current), "id": 3})) == {
+        "a": ["a1", "a2"],
+        "b": ["b1"],
+        "c": ["c1"],
+    }
 
 
 def _grow(tenant, key: str, size: int) -> None:

@@ -6,11 +6,15 @@ import dagster as dg
 import pytest
 from dagster._core.utils import make_new_run_id
 
-from atlas_dagster import db, liveness
+from atlas_dagster import db
 from atlas_dagster.connections import ensure_partitions, provider_connection_partitions
-from atlas_dagster.mirror import LEDGER_JOBS, operation_scope, reconcile
+from atlas_dagster.ledger import liveness
+from atlas_dagster.ledger.job import operation_scope
+from atlas_dagster.ledger.reconcile import reconcile
+from atlas_dagster.ledger.run_types import LEDGER_JOBS, TAG_OPERATION_RUN_ID
+from atlas_dagster.ledger.store import OperationLedger
 from atlas_dagster.resources.database import DatabaseResource
-from atlas_dagster.resources.ledger import TAG_OPERATION_RUN_ID, LedgerResource, OperationLedger
+from atlas_dagster.resources.ledger import LedgerResource
 from tests.conftest import write_config
 
 
@@ -31,7 +35,7 @@ def fake_inventory_job():
 def env(tmp_path, database_url):
     cfg = write_config(tmp_path / "atlas.yaml", database_url)
     database = DatabaseResource(config_path=str(cfg))
-    ledger_res = LedgerResource(database=database)
+    ledger_res = LedgerResource(config_path=database.config_path)
     job = fake_inventory_job
     with dg.instance_for_test() as instance:
         ensure_partitions(instance, ["contoso"])

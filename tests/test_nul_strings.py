@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 
 from atlas_dagster import backup_store as store
 from atlas_dagster import bulk, db, schema
+from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
 from atlas_dagster.config import load_config
 from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.definitions import build_definitions
+from atlas_dagster.ledger.start import start_operation
 from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.resources.graph import client_for
-from atlas_dagster.starts import start_operation
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
 from tests.conftest import write_config
 
@@ -187,6 +188,19 @@ def test_text_utf8_cannot_encode_fails_its_object_alone(env):
     assert set(_cached(engine, "conditional_access_policies")) == {
         o["id"] for o in objects if o is not objects[1]
     }
+
+
+def test_a_nul_in_a_group_is_stored_readable_and_its_json_exactly(env):
+    engine, tenant = env["engine"], env["tenant"]
+    group_id = next(iter(tenant.groups()))["id"]
+    tenant.update_group(group_id, {"displayName": "Staff\x00 A", "groupTypes": ["Uni\x00fied"]})
+    client = client_for(env["config"].connection("contoso"))
+    run_groups_sync(engine, client, db.connection_ids(engine)["contoso"])
+    g = schema.directory_groups
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(g).where(g.c.group_id == group_id)).one()
+    assert row.display_name == "Staff␀ A"
+    assert bulk.decode_json(row.group_types) == ["Uni\x00fied"]
 
 
 # --- Backups -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 
 from atlas_dagster import db
 from atlas_dagster.config import load_config
-from atlas_dagster.resources.ledger import OperationLedger
+from atlas_dagster.ledger.store import OperationLedger
 from atlas_dagster.simulator import GraphSimulator, SimulatedTenant
 from atlas_dagster.simulator.server import DEFAULT_SECRET
 from tests.dagster_procs import BIN

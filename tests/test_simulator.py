@@ -579,8 +579,8 @@ def test_msal_signs_in_with_a_registered_certificate_and_fails_once_it_expired(t
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     from atlas_dagster.config import Certificate, ProviderConnection
+    from atlas_dagster.graph import GraphClient, TokenBucket
     from atlas_dagster.reasons import GraphError
-    from atlas_dagster.resources.graph import GraphClient, TokenBucket
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = tmp_path / "app.pem"
@@ -599,7 +599,7 @@ def test_msal_signs_in_with_a_registered_certificate_and_fails_once_it_expired(t
             display_name=name,
             tenant_id=sim.tenant.tenant_id,
             client_id=sim.tenant.client_id,
-            certificate=Certificate(str(pem), thumbprint),
+            certificate=Certificate(private_key_path=str(pem), thumbprint=thumbprint),
         )
         return GraphClient(
             connection, transport=sim.transport(), sleep=lambda s: None, bucket=TokenBucket()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from atlas_dagster.config import ProviderConnection, parse_config
-from atlas_dagster.resources.graph import GraphClient
+from atlas_dagster.graph import GraphClient
 from atlas_dagster.simulator import SimulatedTenant
 from atlas_dagster.simulator.server import DEFAULT_SECRET as SIMULATED_SECRET
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from atlas_dagster import analytics, db, schema
 from atlas_dagster.config import load_config, parse_config
-from atlas_dagster.resources.ledger import OperationLedger
+from atlas_dagster.ledger.store import OperationLedger
 from tests.conftest import write_config
 
 # Bounds a read that wrongly waits for the writer (busy_timeout would hold it for 60 s); a read

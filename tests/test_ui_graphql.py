@@ -17,15 +17,16 @@ import yaml
 
 from atlas_dagster.config import load_config
 from atlas_dagster.definitions import build_definitions
+from atlas_dagster.ledger.start import ensure_dagster_home, start_operation
+from atlas_dagster.ledger.store import OperationLedger, OperationRun
 from atlas_dagster.resources.database import DatabaseResource
-from atlas_dagster.resources.ledger import LedgerResource, OperationLedger, OperationRun
+from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.simulator import (
     GraphSimulator,
     SimulatedTenant,
     install_simulator,
     uninstall_simulator,
 )
-from atlas_dagster.starts import ensure_dagster_home, start_operation
 from graph_contracts import APPS, CONTRACTS, all_permissions
 from tests.conftest import _dispose, write_config
 from tests.dagster_procs import REPO_ROOT, dagster_processes, free_port, graphql, process_env
@@ -278,7 +279,7 @@ def test_a_schedule_tick_names_its_dagster_schedule_as_initiator(tmp_path, sqlit
             with dg.build_schedule_context(
                 instance=instance,
                 scheduled_execution_time=datetime(2026, 3, 1, 2, 15, tzinfo=UTC),
-                resources={"ledger": LedgerResource(database=database)},
+                resources={"ledger": LedgerResource(config_path=database.config_path)},
                 repository_def=repo,
             ) as context:
                 assert repo.get_schedule_def(name).evaluate_tick(context).run_requests, name

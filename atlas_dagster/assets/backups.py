@@ -26,7 +26,9 @@ from atlas_dagster.assets.common import (
 from atlas_dagster.config import AtlasConfig, BackupSchedule
 from atlas_dagster.connections import ensure_partitions, provider_connection_partitions
 from atlas_dagster.db import connection_ids
-from atlas_dagster.mirror import OperationHandle, operation_scope
+from atlas_dagster.ledger.job import OperationHandle, operation_scope
+from atlas_dagster.ledger.run_types import TAG_BACKUP_SCHEDULE, TAG_OPERATION_RUN_ID, TAG_RUN_TYPE
+from atlas_dagster.ledger.store import OperationLedger, OperationRun
 from atlas_dagster.readiness import record_denied
 from atlas_dagster.reasons import (
     FATAL_FOR_ALL_TYPES,
@@ -40,14 +42,7 @@ from atlas_dagster.reasons import (
 )
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
-from atlas_dagster.resources.ledger import (
-    TAG_BACKUP_SCHEDULE,
-    TAG_OPERATION_RUN_ID,
-    TAG_RUN_TYPE,
-    LedgerResource,
-    OperationLedger,
-    OperationRun,
-)
+from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.schedules import dagster_name
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS
 
@@ -355,7 +350,7 @@ backup_job = dg.define_asset_job(
 
 
 def schedule_name(key: str) -> str:
-    """``backup_schedule__<key>`` (DESIGN §7), in the characters Dagster allows."""
+    """``backup_schedule__<key>``, in the characters Dagster allows."""
     return dagster_name("backup_schedule", key)
 
 
@@ -388,7 +383,7 @@ def scheduled_tick(
     """Create the tick's ledger row (strict identity: schedule + scheduled time), then request
     its run. A tick evaluated again finds its row and requests nothing."""
     when = context.scheduled_execution_time
-    database = ledger.database
+    database = ledger
     engine = database.engine()
     schedule = store.find_schedule(engine, key=entry.key)
     if schedule is None:

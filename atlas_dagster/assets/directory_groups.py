@@ -29,7 +29,7 @@ from atlas_dagster.assets.common import (
     parse_graph_datetime,
 )
 from atlas_dagster.connections import provider_connection_partitions
-from atlas_dagster.mirror import OperationHandle, operation_scope
+from atlas_dagster.ledger.job import OperationHandle, operation_scope
 from atlas_dagster.readiness import record_denied
 from atlas_dagster.reasons import DeltaExpired, GraphError
 from atlas_dagster.resources.database import DatabaseResource

@@ -38,7 +38,9 @@ from atlas_dagster.assets.common import (
     table_metadata,
 )
 from atlas_dagster.connections import provider_connection_partitions
-from atlas_dagster.mirror import OperationHandle, operation_scope
+from atlas_dagster.ledger.job import OperationHandle, operation_scope
+from atlas_dagster.ledger.run_types import Outcome
+from atlas_dagster.ledger.store import OperationLedger, OperationRun
 from atlas_dagster.readiness import record_denied
 from atlas_dagster.reasons import (
     FATAL_FOR_ALL_TYPES,
@@ -50,7 +52,7 @@ from atlas_dagster.reasons import (
 )
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
-from atlas_dagster.resources.ledger import LedgerResource, OperationLedger, OperationRun
+from atlas_dagster.resources.ledger import LedgerResource
 from graph_contracts import (
     CONTRACTS,
     POLICY_CONTRACTS,
@@ -338,17 +340,19 @@ def hold_message(result: ContractResult, connection_key: str, threshold: float) 
 
 
 def last_hold(ledger: OperationLedger, row: OperationRun) -> dict[str, list[str]]:
-    """The deletions the connection's last hold listed, for ``row`` to accept. The newest
-    earlier sync (of the latest 100) that held or accepted deletions decides: a hold that was
-    accepted is spent."""
+    """The deletions the connection's last hold listed (contract key → external ids), for
+    ``row`` to accept. Per contract, the newest earlier sync (of the latest 100) that held or
+    accepted its deletions decides: a hold once accepted is spent, and a newer hold replaces
+    an older one."""
+    decided: dict[str, list[str]] = {}
     for earlier in ledger.list(provider_connection_id=row.provider_connection_id, type=row.type):
         if earlier.id >= row.id:
             continue
-        if "held_deletions" in earlier.context:
-            return dict(earlier.context["held_deletions"])
-        if "accepted_deletions" in earlier.context:
-            return {}
-    return {}
+        held = earlier.context.get("held_deletions") or {}
+        accepted = earlier.context.get("accepted_deletions") or {}
+        for key in {*held, *accepted} - decided.keys():
+            decided[key] = list(held.get(key, ()))
+    return {key: ids for key, ids in decided.items() if ids}
 
 
 @dataclass
@@ -430,34 +434,30 @@ def run_inventory_sync(
 
 
 def record_holds(
-    handle: OperationHandle,
-    summary: InventorySummary,
-    connection_key: str,
-    threshold: float,
-    accepting: bool,
+    handle: OperationHandle, summary: InventorySummary, connection_key: str, threshold: float
 ) -> None:
     """Put the guard's verdict on the run's row: each hold as a ``mass_deletion_held`` failure
     and its ids in ``held_deletions`` (the list a later run accepts), what this run accepted in
     ``accepted_deletions``; a hold makes the run partially succeed."""
-    held = {r.contract_key: r.held_back for r in summary.results if r.held_back}
+    held: dict[str, list[str]] = {}
     for result in summary.results:
         if result.held_back:
+            held[result.contract_key] = result.held_back
             handle.fail(
                 MASS_DELETION_HELD,
                 hold_message(result, connection_key, threshold),
                 result.contract_key,
             )
+    accepted = {r.contract_key: r.accepted for r in summary.results if r.accepted}
     context: dict[str, Any] = {}
     if held:
         context["held_deletions"] = held
-    if accepting:
-        context["accepted_deletions"] = {
-            r.contract_key: r.accepted for r in summary.results if r.accepted
-        }
+    if accepted:
+        context["accepted_deletions"] = accepted
     if context:
         handle.set_context(**context)
     if held:
-        handle.declare_outcome("partially_succeeded")
+        handle.declare_outcome(Outcome.PARTIALLY_SUCCEEDED)
 
 
 def _metadata(summary: InventorySummary, handle: OperationHandle) -> dict[str, Any]:
@@ -531,7 +531,12 @@ def inventory(
             if scope in (None, "all")
             else [k for k in str(scope).split(",") if k in POLICY_CONTRACTS]
         )
-        accepting = bool(handle.row.context.get("accept_deletions"))
+        # A run started with --accept-deletions applies what the last hold listed.
+        accepted = (
+            last_hold(handle.ledger, handle.row)
+            if handle.row.context.get("accept_deletions")
+            else None
+        )
         summary = run_inventory_sync(
             handle.fenced(database.engine()),
             graph.client(connection),
@@ -539,10 +544,10 @@ def inventory(
             handle,
             contract_keys=keys,
             threshold=config.mass_deletion_threshold,
-            accepted=last_hold(handle.ledger, handle.row) if accepting else None,
+            accepted=accepted,
             log=context.log,
         )
-        record_holds(handle, summary, connection.key, config.mass_deletion_threshold, accepting)
+        record_holds(handle, summary, connection.key, config.mass_deletion_threshold)
         held = {r.contract_key: len(r.held_back) for r in summary.results if r.held_back}
         active = active_rows(database.engine(), schema.inventory_items, conn_id)
         yield dg.MaterializeResult(metadata=_metadata(summary, handle))

@@ -13,7 +13,8 @@ import dagster as dg
 
 from atlas_dagster.assets.common import connection_for_run, int_metadata, table_metadata
 from atlas_dagster.connections import provider_connection_partitions
-from atlas_dagster.mirror import operation_scope
+from atlas_dagster.ledger.job import operation_scope
+from atlas_dagster.ledger.run_types import Outcome
 from atlas_dagster.readiness import MISSING_PERMISSION, PROBE_FAILED, READY, record_checks
 from atlas_dagster.reasons import (
     BLOCKING_FOR_VERIFICATION,
@@ -48,11 +49,11 @@ class Verification:
 
     def outcome(self) -> str:
         if not self.signed_in:
-            return "failed"  # nothing could be verified, whatever kept us from signing in
+            return Outcome.FAILED  # nothing could be verified, whatever kept us from signing in
         reasons = {f["reason_code"] for f in self.failures()}
         if reasons & BLOCKING_FOR_VERIFICATION:
-            return "failed"
-        return "partially_succeeded" if reasons else "succeeded"
+            return Outcome.FAILED
+        return Outcome.PARTIALLY_SUCCEEDED if reasons else Outcome.SUCCEEDED
 
     def counts(self) -> dict[str, int]:
         statuses = [c["status"] for c in self.checks]

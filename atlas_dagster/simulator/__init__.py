@@ -1,4 +1,4 @@
-"""The Microsoft Graph simulator (DESIGN §4): a deterministic tenant behind real Graph and Entra
+"""The Microsoft Graph simulator: a deterministic tenant behind real Graph and Entra
 sign-in shapes, with a process-level registry of one simulator per connection key."""
 
 from __future__ import annotations

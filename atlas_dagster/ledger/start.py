@@ -1,4 +1,4 @@
-"""Start surfaces (DESIGN §6): create the ledger row first, then dispatch the Dagster run.
+"""Start surfaces: create the ledger row first, then dispatch the Dagster run.
 
 A start that meets an active row of the same identity returns that row and dispatches nothing.
 Dispatch is either in this process (``execute_in_process`` against the instance at
@@ -19,25 +19,28 @@ from typing import Any
 
 import dagster as dg
 
-from atlas_dagster import db, liveness
+from atlas_dagster import db
 from atlas_dagster.backup_store import find_schedule
 from atlas_dagster.config import AtlasConfig
 from atlas_dagster.connections import ensure_partitions
-from atlas_dagster.mirror import mirror_run_id, reap, row_dead_reason
-from atlas_dagster.reasons import one_line
-from atlas_dagster.resources.database import ready_engine
-from atlas_dagster.resources.ledger import (
+from atlas_dagster.ledger import liveness
+from atlas_dagster.ledger.mirror import mirror_run_id
+from atlas_dagster.ledger.reconcile import reap, row_dead_reason
+from atlas_dagster.ledger.run_types import (
+    RETRYABLE_OUTCOMES,
     RUN_TYPES,
     TAG_BACKUP_SCHEDULE,
     TAG_OPERATION_RUN_ID,
     TAG_RUN_TYPE,
-    OperationLedger,
-    OperationRun,
+    Status,
+    Trigger,
 )
+from atlas_dagster.ledger.store import OperationLedger, OperationRun
+from atlas_dagster.reasons import one_line
+from atlas_dagster.resources.database import ready_engine
 
-INSTANCE_TEMPLATE = Path(__file__).parent / "instance" / "dagster.yaml"
+INSTANCE_TEMPLATE = Path(__file__).parent.parent / "instance" / "dagster.yaml"
 LOCATION_NAME = "atlas_dagster"
-RETRYABLE_OUTCOMES = ("failed", "partially_succeeded")
 # Level of the console logger of in-process runs. Step failures log their stack trace at ERROR:
 # the terminal shows the ledger's one line instead, and `atlas-dagster -v` lowers this.
 IN_PROCESS_LOG_LEVEL = "CRITICAL"
@@ -95,7 +98,7 @@ def start_operation(
     schedule: str | None = None,
     retry_of: int | None = None,
     scheduled_for: datetime | None = None,
-    trigger_source: str = "cli",
+    trigger_source: str = Trigger.CLI,
     initiator: str | None = None,
     in_process: bool = False,
     instance: dg.DagsterInstance | None = None,
@@ -197,7 +200,7 @@ def _settle(
 ) -> bool:
     """Whether the active row a start met turned out to be over: its work is dead (reaped here),
     or its Dagster run ended without the mirror having seen it yet."""
-    if row.status == "completed":
+    if row.status == Status.COMPLETED:
         return False  # a strict identity, taken for good
     reason = row_dead_reason(row)
     if reason:
@@ -205,7 +208,7 @@ def _settle(
         return True
     if instance is not None and row.dagster_run_id:
         fresh = mirror_run_id(ledger, instance, row.dagster_run_id)
-        return fresh is not None and fresh.status == "completed"
+        return fresh is not None and fresh.status == Status.COMPLETED
     return False
 
 
@@ -224,7 +227,7 @@ def _retry_schedule(ledger: OperationLedger, retry_of: int) -> str:
     original = ledger.get(retry_of)
     if original is None or not original.type.startswith("backup_schedule."):
         raise StartError(f"operation run #{retry_of} is not a backup run")
-    if original.status != "completed" or original.outcome not in RETRYABLE_OUTCOMES:
+    if original.status != Status.COMPLETED or original.outcome not in RETRYABLE_OUTCOMES:
         raise StartError(
             f"operation run #{retry_of} is {original.status}/{original.outcome}; only failed or "
             "partially succeeded backups can be retried"
@@ -305,7 +308,7 @@ def wait_for(
     while True:
         row = ledger.get(row_id)
         assert row is not None
-        if row.status == "completed" or time.monotonic() > deadline:
+        if row.status == Status.COMPLETED or time.monotonic() > deadline:
             return row
         time.sleep(poll)
 

@@ -3,10 +3,10 @@
 Whatever executes a run's work — the CLI for an in-process start, a Dagster run worker — records
 itself on the ledger row (host, boot, pid and the pid's start time) with a fencing token, and
 beats every ``HEARTBEAT_INTERVAL`` while it holds the row. A row is dead when its process is gone
-from this host (or the host rebooted), or when no heartbeat came for ``STALE_AFTER`` — the only
-test that works for work on another machine. Dead rows complete ``failed``/``run_crashed``
-(:func:`atlas_dagster.mirror.reap`) and their identity is free again; the fence keeps any
-survivor from writing after that.
+from this host (or the host rebooted), or — for work on another machine, where the heartbeat is
+the only sign — when no heartbeat came for ``STALE_AFTER``. Dead rows complete
+``failed``/``run_crashed`` (:func:`atlas_dagster.mirror.reap`) and their identity is free again;
+the fence keeps any survivor from writing after that.
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def dead_reason(
     if ex.host == local.host and ex.boot_id and local.boot_id:
         if ex.boot_id != local.boot_id:
             return f"{ex.host} restarted since {ex.describe()} took the run"
-        if not process_alive(ex.pid, ex.process_started):
-            return f"its {ex.describe()} is gone"
+        # On its own host the process table is the truth: a live process keeps its row even
+        # when a long write transaction (which holds the row) delays its heartbeat.
+        return None if process_alive(ex.pid, ex.process_started) else f"its {ex.describe()} is gone"
     return stale_reason(heartbeat_at, now, f"its {ex.describe()}")
 
 

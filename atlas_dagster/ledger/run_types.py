@@ -1,0 +1,130 @@
+"""What the ledger knows about operations, as data: run types, statuses, outcomes, trigger
+sources, the run identity, and the Dagster run tags that link a run to its row.
+
+Importable without Dagster (jobs are named as strings), so commands that only read the ledger
+stay fast. See docs/architecture.md for how a run moves through these states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+TAG_OPERATION_RUN_ID = "atlas/operation_run_id"
+TAG_RUN_TYPE = "atlas/run_type"
+TAG_BACKUP_SCHEDULE = "atlas/backup_schedule"
+# The ledger's verdict, written onto the Dagster run once its row completed.
+TAG_OUTCOME = "atlas/outcome"
+TAG_CONNECTION = "atlas/connection"
+TAG_REASON_PREFIX = "atlas/reason/"
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+
+
+ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+
+class Outcome(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    PARTIALLY_SUCCEEDED = "partially_succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_OUTCOMES = frozenset(Outcome) - {Outcome.PENDING}
+# A backup that did not fully succeed may be retried.
+RETRYABLE_OUTCOMES = frozenset({Outcome.FAILED, Outcome.PARTIALLY_SUCCEEDED})
+
+
+class Trigger(StrEnum):
+    CLI = "cli"
+    DAGSTER_UI = "dagster_ui"
+    SCHEDULE = "schedule"
+    SENSOR = "sensor"
+    BACKFILL = "backfill"
+    API = "api"
+    DEMO = "demo"
+
+
+class Identity(StrEnum):
+    # connection + target scope, deduped while active
+    DETERMINISTIC = "deterministic"
+    # one per start (a nonce), never deduped
+    NONCE = "nonce"
+    # schedule + scheduled time, taken once in any status
+    STRICT = "strict"
+
+
+@dataclass(frozen=True)
+class RunType:
+    name: str
+    identity: Identity
+    job_name: str
+    asset: str
+    needs_schedule: bool = False
+
+    def identity_hash(self, parts: Mapping[str, Any]) -> str:
+        """What makes two starts "the same operation" for this run type."""
+        if self.identity is Identity.DETERMINISTIC:
+            key = {
+                "provider_connection_id": parts["provider_connection_id"],
+                "target_scope": parts.get("target_scope") or "all",
+            }
+        elif self.identity is Identity.NONCE:
+            key = {"nonce": parts["nonce"]}
+        else:
+            key = {
+                "backup_schedule_id": parts["backup_schedule_id"],
+                "scheduled_for": parts["scheduled_for"],
+            }
+        canonical = json.dumps({"type": self.name, **key}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+RUN_TYPES: dict[str, RunType] = {
+    t.name: t
+    for t in (
+        RunType("inventory.sync", Identity.DETERMINISTIC, "inventory_sync_job", "inventory"),
+        RunType(
+            "directory_groups.sync",
+            Identity.DETERMINISTIC,
+            "directory_groups_sync_job",
+            "directory_groups",
+        ),
+        RunType(
+            "provider_connection.verify",
+            Identity.DETERMINISTIC,
+            "provider_connection_verify_job",
+            "provider_connection_checks",
+        ),
+        RunType(
+            "backup_schedule.run_now", Identity.NONCE, "backup_job", "backups", needs_schedule=True
+        ),
+        RunType(
+            "backup_schedule.retry", Identity.NONCE, "backup_job", "backups", needs_schedule=True
+        ),
+        RunType(
+            "backup_schedule.scheduled",
+            Identity.STRICT,
+            "backup_job",
+            "backups",
+            needs_schedule=True,
+        ),
+    )
+}
+
+# A job's run type when its runs do not say (the Dagster UI). A job shared by several run types
+# (backups) is its first, user-facing type.
+JOB_TYPES: dict[str, RunType] = {}
+for _rt in RUN_TYPES.values():
+    JOB_TYPES.setdefault(_rt.job_name, _rt)
+LEDGER_JOBS = frozenset(JOB_TYPES)
