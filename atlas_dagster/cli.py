@@ -281,8 +281,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from atlas_dagster.assets.verification import checks_table
-    from atlas_dagster.readiness import latest_checks
     from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.stores.checks import latest_checks
 
     def report(outcome: StartOutcome) -> None:
         row = outcome.row
@@ -312,7 +312,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _backup_store_call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    from atlas_dagster.backup_store import BackupStoreError
+    from atlas_dagster.stores.backups import BackupStoreError
 
     try:
         return fn(*args, **kw)
@@ -321,8 +321,8 @@ def _backup_store_call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 
 
 def cmd_backups_list(args: argparse.Namespace) -> int:
-    from atlas_dagster.backup_store import list_sets
     from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.stores.backups import list_sets
 
     engine = ready_engine(_config(args))
     sets = list_sets(engine, connection=args.connection, schedule=args.schedule, limit=args.limit)
@@ -351,8 +351,8 @@ def cmd_backups_list(args: argparse.Namespace) -> int:
 
 
 def cmd_backups_diff(args: argparse.Namespace) -> int:
-    from atlas_dagster.backup_store import diff_sets
     from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.stores.backup_diff import diff_sets
 
     diff = _backup_store_call(diff_sets, ready_engine(_config(args)), args.a, args.b)
     if args.json:
@@ -380,8 +380,8 @@ def cmd_backups_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_backups_export(args: argparse.Namespace) -> int:
-    from atlas_dagster.backup_store import export_set
     from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.stores.backup_export import export_set
 
     result = _backup_store_call(export_set, ready_engine(_config(args)), args.set, args.dir)
     print(

@@ -182,27 +182,16 @@ def _policy_types(value: Any, info: ValidationInfo) -> tuple[str, ...]:
 
 # --- Checking values --------------------------------------------------------------------------
 
-_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-_DOMAIN = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_GUID = r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}"
 
 
-def _slug(key: str) -> str:
-    if not _SLUG.match(key):
-        raise _problem("must be a slug: lowercase letters, digits and '-'")
-    return key
+def _matching(pattern: str, problem: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise _problem(problem)
+        return value
 
-
-def _tenant(tenant_id: str) -> str:
-    if not (_GUID.match(tenant_id) or _DOMAIN.match(tenant_id)):
-        raise _problem("expected a GUID or a tenant domain name")
-    return tenant_id
-
-
-def _guid(value: str) -> str:
-    if not _GUID.match(value):
-        raise _problem("expected a GUID")
-    return value
+    return AfterValidator(check)
 
 
 def _base_url(value: str) -> str:
@@ -244,9 +233,7 @@ def _cron(expression: str) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dg.ScheduleDefinition(
-                name="cron_check", cron_schedule=expression, job_name="cron_check"
-            )
+            dg.ScheduleDefinition(name="check", cron_schedule=expression, job_name="check")
     except dg.DagsterInvalidDefinitionError:
         raise _problem(f"not a valid cron expression: {expression!r}") from None
     return expression
@@ -266,14 +253,14 @@ def _existing_file(path: str) -> str:
     return path
 
 
-def _thumbprint(value: str) -> str:
-    if not re.fullmatch(r"[0-9A-Fa-f]{40}", value):
-        raise _problem("expected the 40 hex digit SHA-1 thumbprint")
-    return value.upper()
-
-
 _Text = Annotated[str, BeforeValidator(_given)]
-_Key = Annotated[_Text, AfterValidator(_slug)]
+_SLUG = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_Key = Annotated[_Text, _matching(_SLUG, "must be a slug: lowercase letters, digits and '-'")]
+_TENANT = rf"{_GUID}|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+"
+_TenantId = Annotated[_Text, _matching(_TENANT, "expected a GUID or a tenant domain name")]
+_ClientId = Annotated[_Text, _matching(_GUID, "expected a GUID")]
+_SHA1 = _matching("[0-9A-Fa-f]{40}", "expected the 40 hex digit SHA-1 thumbprint")
+_Thumbprint = Annotated[_Text, _SHA1, AfterValidator(str.upper)]
 _Url = Annotated[_Text, AfterValidator(_base_url)]
 _Cron = Annotated[_Text, AfterValidator(_cron)]
 _Timezone = Annotated[_Text, AfterValidator(_timezone)]
@@ -306,7 +293,7 @@ class _Model(BaseModel):
 
 class Certificate(_Model):
     private_key_path: Annotated[_Text, AfterValidator(_existing_file)]
-    thumbprint: Annotated[_Text, AfterValidator(_thumbprint)]
+    thumbprint: _Thumbprint
 
 
 class Simulated(_Model):
@@ -320,8 +307,8 @@ class Simulated(_Model):
 class ProviderConnection(_Model):
     key: _Key
     display_name: str = Field("", validate_default=True)  # the key when not given
-    tenant_id: Annotated[_Text, AfterValidator(_tenant)] | None = None
-    client_id: Annotated[_Text, AfterValidator(_guid)] | None = None
+    tenant_id: _TenantId | None = None
+    client_id: _ClientId | None = None
     client_secret: Annotated[SecretStr | None, BeforeValidator(_given)] = None
     certificate: Certificate | None = None
     graph_base_url: _Url = DEFAULT_GRAPH_BASE_URL
@@ -396,23 +383,15 @@ class AtlasConfig(_Model):
                 seen.add(entry.key)
                 target = getattr(entry, "provider_connection", None)
                 if target is not None and target not in connections:
-                    raise _problem(
-                        f"no provider connection with key {target!r}",
-                        *(name, index, "provider_connection"),
-                    )
+                    problem = f"no provider connection with key {target!r}"
+                    raise _problem(problem, name, index, "provider_connection")
         return self
 
     def connection(self, key: str) -> ProviderConnection:
-        for conn in self.provider_connections:
-            if conn.key == key:
-                return conn
-        raise KeyError(key)
+        return {conn.key: conn for conn in self.provider_connections}[key]
 
     def schedule(self, key: str) -> BackupSchedule:
-        for sched in self.backup_schedules:
-            if sched.key == key:
-                return sched
-        raise KeyError(key)
+        return {sched.key: sched for sched in self.backup_schedules}[key]
 
 
 # --- Loading --------------------------------------------------------------------------------
@@ -550,21 +529,20 @@ class _Layout:
             problem = f"expected a string, got {type(error['input']).__name__}"
         else:
             problem = error["msg"]
-        known = [self.lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in self.lines]
-        line = f"line {known[0]}: " if known else ""
-        return f"{line}{self.where(path)}: {problem}"
+        # The deepest node the file has: a missing field is named at its entry.
+        line = next(
+            self.lines[path[:n]] for n in reversed(range(len(path) + 1)) if path[:n] in self.lines
+        )
+        return f"line {line}: {self.where(path)}: {problem}"
 
 
 def _entry_label(item: yaml.Node) -> str | None:
     """A list entry's name in messages: its ``key`` when it has one (else its index)."""
-    if isinstance(item, yaml.MappingNode):
-        for key, value in item.value:
-            if (
-                isinstance(key, yaml.ScalarNode)
-                and key.value == "key"
-                and isinstance(value, yaml.ScalarNode)
-                and value.tag == _STR_TAG
-                and value.value
-            ):
-                return value.value
+    for key, value in item.value if isinstance(item, yaml.MappingNode) else ():
+        if isinstance(key, yaml.ScalarNode) and key.value == "key" and _is_text(value):
+            return value.value
     return None
+
+
+def _is_text(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG and node.value != ""

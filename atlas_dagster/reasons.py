@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from atlas_dagster.bulk import text_cell
+from atlas_dagster.stores.bulk import text_cell
 
 PROVIDER_AUTH_FAILED = "provider_auth_failed"
 PROVIDER_PERMISSION_DENIED = "provider_permission_denied"

@@ -9,7 +9,7 @@ import dagster as dg
 from atlas_dagster.config import AtlasConfig, RefreshSchedule
 from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.db import connection_ids
-from atlas_dagster.ledger.run_types import JOB_TYPES, TAG_OPERATION_RUN_ID, TAG_RUN_TYPE
+from atlas_dagster.ledger.run_types import JOB_TYPES, StartRequest, Trigger
 from atlas_dagster.resources.ledger import LedgerResource
 
 
@@ -24,7 +24,7 @@ def refresh_schedules(config: AtlasConfig, jobs: dict[str, object]) -> list[dg.S
 
 
 def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
-    run_type = JOB_TYPES[entry.job].name
+    run_type = JOB_TYPES[entry.job]
 
     @dg.schedule(
         name=dagster_name("refresh", entry.key),
@@ -34,7 +34,7 @@ def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
         default_status=dg.DefaultScheduleStatus.RUNNING
         if entry.enabled
         else dg.DefaultScheduleStatus.STOPPED,
-        description=f"Refreshes {run_type} for every provider connection.",
+        description=f"Refreshes {run_type.name} for every provider connection.",
     )
     def _schedule(context: dg.ScheduleEvaluationContext, ledger: LedgerResource):
         database = ledger
@@ -44,20 +44,21 @@ def _refresh_schedule(entry: RefreshSchedule, job) -> dg.ScheduleDefinition:
         book = ledger.ledger()
         requests = []
         for key in keys:
-            started = book.start(
+            request = StartRequest(
                 run_type,
-                provider_connection_id=ids[key],
-                trigger_source="schedule",
+                connection_key=key,
+                connection_id=ids[key],
+                trigger=Trigger.SCHEDULE,
                 initiator=dagster_name("refresh", entry.key),
-                context={"provider_connection_key": key},
             )
+            started = book.open(request)
             if not started.created:
                 continue  # an active run of this identity exists: it is the refresh
             requests.append(
                 dg.RunRequest(
                     run_key=f"{entry.key}:{key}:{started.row.id}",
                     partition_key=key,
-                    tags={TAG_OPERATION_RUN_ID: str(started.row.id), TAG_RUN_TYPE: run_type},
+                    tags=request.tags(started.row.id),
                 )
             )
         return requests or dg.SkipReason("every connection already has an active run")

@@ -24,8 +24,8 @@ MAX_OVERHEAD_PCT = 5.0
 
 
 def _backup(engine, client, schedule) -> tuple[dict, float]:
-    from atlas_dagster import backup_store as store
     from atlas_dagster.assets.backups import plan_backup, run_backup
+    from atlas_dagster.stores import backups as store
 
     plan = plan_backup(schedule)
     set_id = store.create_set(
@@ -44,7 +44,7 @@ def _backup(engine, client, schedule) -> tuple[dict, float]:
 
 def _shared_names(engine, set_id: int) -> dict:
     """Policies whose (type, display name) another policy of the set shares: all are kept."""
-    from atlas_dagster import backup_store as store
+    from atlas_dagster.stores import backups as store
 
     names: dict[tuple[str, str | None], int] = {}
     for item in store.set_items(engine, set_id).values():
@@ -57,7 +57,6 @@ def _shared_names(engine, set_id: int) -> dict:
 
 
 def run(profile: str, database_url: str, latency_ms: float = 0.0) -> dict:
-    from atlas_dagster import backup_store as store
     from atlas_dagster.config import parse_config
     from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.resources.graph import client_for
@@ -67,6 +66,7 @@ def run(profile: str, database_url: str, latency_ms: float = 0.0) -> dict:
         install_simulator,
         minimum_request_units,
     )
+    from atlas_dagster.stores import backups as store
     from graph_contracts import POLICY_CONTRACTS
 
     config = parse_config(

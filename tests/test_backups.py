@@ -15,7 +15,6 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from atlas_dagster import backup_store as store
 from atlas_dagster import cli, schema
 from atlas_dagster.assets.backups import plan_backup, set_status
 from atlas_dagster.config import load_config
@@ -24,7 +23,6 @@ from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.mirror import mirror_run_id
 from atlas_dagster.ledger.start import StartError, start_operation
 from atlas_dagster.ledger.store import OperationLedger, OperationRun, related_links
-from atlas_dagster.readiness import latest_checks
 from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.simulator import (
@@ -33,6 +31,10 @@ from atlas_dagster.simulator import (
     install_simulator,
     uninstall_simulator,
 )
+from atlas_dagster.stores import backups as store
+from atlas_dagster.stores.backup_diff import FieldChange, diff_sets, field_diff
+from atlas_dagster.stores.backup_export import MANIFEST, export_set, export_text, file_stem
+from atlas_dagster.stores.checks import latest_checks
 from graph_contracts import APPS, CONTRACTS, POLICY_CONTRACTS, all_permissions
 from tests.conftest import write_config
 
@@ -42,16 +44,16 @@ from tests.conftest import write_config
 def test_reordered_unordered_arrays_are_no_change():
     before = {"settings": [{"definitionId": "a", "value": 1}, {"definitionId": "b", "value": 2}]}
     after = {"settings": [{"definitionId": "b", "value": 2}, {"definitionId": "a", "value": 1}]}
-    assert store.field_diff(before, after) == []
+    assert field_diff(before, after) == []
 
 
 def test_unordered_elements_are_matched_by_identity_and_diffed_by_field():
     before = {"settings": [{"definitionId": "a", "value": 1}, {"definitionId": "b", "value": 2}]}
     after = {"settings": [{"definitionId": "b", "value": 3}, {"definitionId": "c", "value": 4}]}
-    assert store.field_diff(before, after) == [
-        store.FieldChange("settings[definitionId=a]", "removed", before=before["settings"][0]),
-        store.FieldChange("settings[definitionId=b].value", "changed", 2, 3),
-        store.FieldChange("settings[definitionId=c]", "added", after=after["settings"][1]),
+    assert field_diff(before, after) == [
+        FieldChange("settings[definitionId=a]", "removed", before=before["settings"][0]),
+        FieldChange("settings[definitionId=b].value", "changed", 2, 3),
+        FieldChange("settings[definitionId=c]", "added", after=after["settings"][1]),
     ]
 
 
@@ -64,8 +66,8 @@ def test_settings_catalog_settings_match_by_setting_definition_id():
 
     before = {"settings": [setting(0, "x", 1), setting(1, "y", 2)]}
     after = {"settings": [setting(1, "y", 2), setting(0, "x", 5)]}
-    assert store.field_diff(before, after) == [
-        store.FieldChange(
+    assert field_diff(before, after) == [
+        FieldChange(
             "settings[settingInstance.settingDefinitionId=x].settingInstance.value", "changed", 1, 5
         )
     ]
@@ -74,30 +76,30 @@ def test_settings_catalog_settings_match_by_setting_definition_id():
 def test_ordered_arrays_compare_by_position_and_scalar_sets_by_value():
     before = {"rules": ["a", "b"], "roleScopeTagIds": ["0", "1"], "n": {"deep": True}}
     after = {"rules": ["b", "a", "c"], "roleScopeTagIds": ["1", "2"], "n": {"deep": False}}
-    assert store.field_diff(before, after) == [
-        store.FieldChange("n.deep", "changed", True, False),
-        store.FieldChange("roleScopeTagIds[]", "removed", before="0"),
-        store.FieldChange("roleScopeTagIds[]", "added", after="2"),
-        store.FieldChange("rules[0]", "changed", "a", "b"),
-        store.FieldChange("rules[1]", "changed", "b", "a"),
-        store.FieldChange("rules[2]", "added", after="c"),
+    assert field_diff(before, after) == [
+        FieldChange("n.deep", "changed", True, False),
+        FieldChange("roleScopeTagIds[]", "removed", before="0"),
+        FieldChange("roleScopeTagIds[]", "added", after="2"),
+        FieldChange("rules[0]", "changed", "a", "b"),
+        FieldChange("rules[1]", "changed", "b", "a"),
+        FieldChange("rules[2]", "added", after="c"),
     ]
 
 
 def test_a_type_change_is_a_change():
-    assert store.field_diff({"v": 1}, {"v": "1"}) == [store.FieldChange("v", "changed", 1, "1")]
+    assert field_diff({"v": 1}, {"v": "1"}) == [FieldChange("v", "changed", 1, "1")]
 
 
 def test_file_names_are_stable_readable_and_safe():
-    assert store.file_stem("Win 10 – Baseline / BitLocker", "abc-1") == (
+    assert file_stem("Win 10 – Baseline / BitLocker", "abc-1") == (
         "Win-10-Baseline-BitLocker__abc-1"
     )
-    assert store.file_stem("", "id:1") == "unnamed__id-1"
-    assert store.file_stem("../../etc", "x") == "etc__x"
+    assert file_stem("", "id:1") == "unnamed__id-1"
+    assert file_stem("../../etc", "x") == "etc__x"
 
 
 def test_export_text_is_sorted_indented_with_a_trailing_newline():
-    assert store.export_text('{"b":1,"a":{"ü":[1,2]}}') == (
+    assert export_text('{"b":1,"a":{"ü":[1,2]}}') == (
         '{\n  "a": {\n    "ü": [\n      1,\n      2\n    ]\n  },\n  "b": 1\n}\n'
     )
 
@@ -335,7 +337,7 @@ def _backup(env: Env, **kw: Any) -> tuple[OperationRun, store.BackupSet]:
 
 
 def _exported(directory: Path) -> dict[tuple[str, str], str]:
-    manifest = json.loads((directory / store.MANIFEST).read_text())
+    manifest = json.loads((directory / MANIFEST).read_text())
     return {
         (f["contract_key"], f["external_id"]): (directory / f["file"]).read_text(encoding="utf-8")
         for f in manifest["files"]
@@ -351,7 +353,7 @@ def test_a_large_backup_holds_every_policy_complete_and_exports_it_exactly(make_
     assert backup.item_count == sum(len(v) for v in expected.values())
 
     out = env.root / "export"
-    result = store.export_set(env.engine, backup.id, out)
+    result = export_set(env.engine, backup.id, out)
     files = _exported(out)
     assert len(result.files) == len(files) == backup.item_count
     for key, objects in expected.items():
@@ -372,13 +374,13 @@ def test_exporting_again_is_byte_stable_and_drops_deleted_policies(make_env):
     env = make_env()
     _, first = _backup(env)
     out = env.root / "export"
-    store.export_set(env.engine, first.id, out)
-    before = {p: p.read_bytes() for p in out.rglob("*.json") if p.name != store.MANIFEST}
+    export_set(env.engine, first.id, out)
+    before = {p: p.read_bytes() for p in out.rglob("*.json") if p.name != MANIFEST}
     victim = next(o for o in env.tenant.policies("device_configurations"))
     env.tenant.delete_policy("device_configurations", victim["id"])
     _, second = _backup(env)
-    result = store.export_set(env.engine, second.id, out)
-    after = {p: p.read_bytes() for p in out.rglob("*.json") if p.name != store.MANIFEST}
+    result = export_set(env.engine, second.id, out)
+    after = {p: p.read_bytes() for p in out.rglob("*.json") if p.name != MANIFEST}
     [gone] = result.removed
     assert victim["id"] in gone and (out / gone) not in after
     assert after == {p: b for p, b in before.items() if p != out / gone}
@@ -422,7 +424,7 @@ def test_diff_after_tenant_changes_lists_exactly_the_changed_policies_and_fields
     t.update_group(t.random_group_id(random.Random(1)), {"displayName": "Renamed group"})
     _, second = _backup(env)
 
-    diff = store.diff_sets(env.engine, first.id, second.id)
+    diff = diff_sets(env.engine, first.id, second.id)
     assert diff.skipped_types == []
     assert [(p.contract_key, p.external_id) for p in diff.added] == [
         ("powershell_scripts", added["id"])
@@ -515,7 +517,7 @@ def test_policies_that_share_a_display_name_are_all_kept(make_env):
         if i.display_name == twin["displayName"] and i.contract_key == "device_configurations"
     ]
     assert {i.external_id for i in named} >= {twin["id"], *(c["id"] for c in copies)}
-    result = store.export_set(env.engine, backup.id, env.root / "export")
+    result = export_set(env.engine, backup.id, env.root / "export")
     assert len(result.files) == backup.item_count
 
 
@@ -527,8 +529,8 @@ def test_assignment_names_are_recorded_from_the_cached_tables(make_env):
     _, backup = _backup(env)
     assert env.sim.stats.total > 0
     assert "groups_delta" not in env.sim.stats.per_contract  # names come from the cache
-    store.export_set(env.engine, backup.id, env.root / "export")
-    manifest = json.loads((env.root / "export" / store.MANIFEST).read_text())
+    export_set(env.engine, backup.id, env.root / "export")
+    manifest = json.loads((env.root / "export" / MANIFEST).read_text())
     groups = {g["id"]: g["displayName"] for g in env.tenant.groups()}
     filters = {f["id"]: f["displayName"] for f in env.tenant.policies("assignment_filters")}
     seen_group = seen_filter = 0

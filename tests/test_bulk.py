@@ -5,7 +5,8 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from atlas_dagster import bulk, db, schema
+from atlas_dagster import db, schema
+from atlas_dagster.stores import bulk
 
 
 def _group(group_id: str, now: datetime, **values):

@@ -7,9 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
-from atlas_dagster.config import ConfigError, load_config, parse_config
+from atlas_dagster.config import (
+    ConfigError,
+    ProviderConnection,
+    Simulated,
+    load_config,
+    parse_config,
+)
 from tests.conftest import write_config
 
 GOOD_CONNECTION = """\
@@ -183,6 +189,58 @@ def test_an_empty_config_file_is_an_error_naming_the_file(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError, match=f"^{empty}: line 1: the file holds no settings"):
         load_config(empty, env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            _cfg(schedules=SCHEDULE.replace("0 2 * * *", "0 25 * * *")),
+            "line 10: backup_schedules[nightly].cron: not a valid cron expression",
+            id="the-value",
+        ),
+        pytest.param(
+            _cfg(GOOD_CONNECTION + "    colour: blue\n"),
+            "line 7: provider_connections[contoso].colour: unknown key",
+            id="the-unknown-key",
+        ),
+        pytest.param(
+            _cfg(GOOD_CONNECTION.replace("${CONTOSO_SECRET}", "${UNSET_SECRET}")),
+            "line 6: provider_connections[contoso].client_secret: environment variable",
+            id="the-variable",
+        ),
+        pytest.param(
+            _cfg(
+                GOOD_CONNECTION.replace("    client_id: 1b2c3d4e-0000-4000-8000-000000000002\n", "")
+            ),
+            "line 2: provider_connections[contoso].client_id: is required",
+            id="the-entry-missing-a-field",
+        ),
+        pytest.param(
+            _cfg(schedules=SCHEDULE + SCHEDULE.replace("contoso", "nope").replace("nightly", "b")),
+            "line 13: backup_schedules[b].provider_connection: no provider connection",
+            id="the-reference",
+        ),
+    ],
+)
+def test_an_error_gives_the_line_of_what_it_names(text, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "atlas.yaml", {"CONTOSO_SECRET": "x"})
+    assert str(err.value).startswith(f"atlas.yaml: {expected}")
+
+
+def test_settings_built_in_code_are_checked_frozen_and_hashable():
+    conn = ProviderConnection(key="sim", simulated=Simulated(seed=3))
+    assert conn.display_name == "sim" and conn.simulated == Simulated(profile="small", seed=3)
+    for bad in ({"colour": "blue"}, {"key": "Not A Slug"}, {"simulated": None}):
+        with pytest.raises(ValidationError):
+            ProviderConnection(**{"key": "sim", "simulated": Simulated(), **bad})
+    with pytest.raises(ValidationError):
+        conn.key = "other"  # type: ignore[misc]
+    text = _cfg(schedules=SCHEDULE)
+    first, again = (parse_config(text, "a.yaml", {"CONTOSO_SECRET": "x"}) for _ in range(2))
+    assert first == again and len({first, again}) == 1
+    assert first != parse_config(text, "a.yaml", {"CONTOSO_SECRET": "y"})
 
 
 def test_keys_a_yaml_merge_overrides_are_not_duplicates():

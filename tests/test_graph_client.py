@@ -372,6 +372,32 @@ def test_401_after_refresh_is_auth_failed():
     assert len(tenant.graph_requests()) == 2
 
 
+def test_the_resend_after_a_401_is_a_paced_retry_with_its_own_client_request_id():
+    clock = FakeClock()
+    bucket = TokenBucket(clock=clock)
+    expired = graph_error(401, "InvalidAuthenticationToken", "Access token has expired.")
+    tenant = FakeTenant(routes(expired, page([{"id": "a"}])))
+    client = GraphClient(
+        connection(), transport=httpx.MockTransport(tenant), sleep=clock.sleep, bucket=bucket
+    )
+    assert list(client.pages("settings_catalog")) == [[{"id": "a"}]]
+    refused, resent = tenant.graph_requests()
+    assert refused.headers["client-request-id"] != resent.headers["client-request-id"]
+    assert client.stats.requests == 2 and client.stats.retries == 1
+    assert bucket.reserve(998) == 0  # both requests took a unit
+    assert bucket.reserve(1) > 0
+
+
+def test_the_token_is_refreshed_once_per_request_across_its_retries():
+    expired = graph_error(401, "InvalidAuthenticationToken", "Access token has expired.")
+    throttled = graph_error(429, "TooManyRequests", "Too many", {"Retry-After": "0"})
+    client, tenant, _ = make(routes(expired, throttled, expired, page([])))
+    with pytest.raises(GraphError) as err:
+        list(client.pages("settings_catalog"))
+    assert err.value.reason_code == reasons.PROVIDER_AUTH_FAILED
+    assert len(tenant.graph_requests()) == 3 and tenant.tokens_issued == 2
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 INTUNE_403 = json.dumps(
@@ -860,6 +886,18 @@ def test_close_releases_the_session_and_a_later_request_signs_in_again():
     client.close()
     client.probe("settings_catalog")
     assert tenant.tokens_issued == 2
+
+
+def test_a_client_over_another_transport_signs_in_through_that_transport():
+    conn = connection()
+    old, new = FakeTenant(routes(page([]))), FakeTenant(routes(page([])))
+    first = GraphClient(conn, transport=httpx.MockTransport(old), bucket=TokenBucket())
+    first.probe("settings_catalog")
+    second = GraphClient(conn, transport=httpx.MockTransport(new), bucket=TokenBucket())
+    second.probe("settings_catalog")
+    first.probe("settings_catalog")
+    assert old.tokens_issued == 1 and new.tokens_issued == 1
+    assert len(old.graph_requests()) == 2 and len(new.graph_requests()) == 1
 
 
 def test_client_for_caches_per_connection_and_the_resource_hands_it_out():

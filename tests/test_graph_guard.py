@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -115,6 +117,29 @@ def test_the_guard_allows_docstrings_and_the_config_default():
     assert violations("atlas_dagster/assets/x.py", doc) == []
     default = "DEFAULT_GRAPH_BASE_URL = 'https://graph.microsoft.com'\n"
     assert violations("atlas_dagster/config.py", default) == []
+
+
+def test_the_graph_package_does_not_import_the_simulator():
+    imports = []
+    for path in sorted((ROOT / CLIENT_PACKAGE).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imports += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imports.append(node.module)
+    assert "atlas_dagster.graph.client" in imports
+    assert not [name for name in imports if name.startswith("atlas_dagster.simulator")]
+
+
+def test_importing_the_client_changes_no_logging_and_loads_no_simulator():
+    probe = (
+        "import logging, sys\n"
+        "import atlas_dagster.resources.graph\n"
+        "assert not logging.getLogger('httpx').filters\n"
+        "assert not [m for m in sys.modules if m.startswith('atlas_dagster.simulator')]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_every_contract_path_is_matched_by_its_own_template():

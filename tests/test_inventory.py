@@ -10,9 +10,8 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atlas_dagster import bulk, db, schema
-from atlas_dagster.assets import directory_groups
-from atlas_dagster.assets.directory_groups import run_groups_sync, stored_delta_link
+from atlas_dagster import db, schema
+from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
 from atlas_dagster.reasons import AtlasError
 from atlas_dagster.resources.database import DatabaseResource
@@ -21,6 +20,8 @@ from atlas_dagster.simulator import (
     FaultPlan,
 )
 from atlas_dagster.simulator import server as simulator_server
+from atlas_dagster.stores import bulk, groups
+from atlas_dagster.stores.groups import stored_delta_link
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
 from tests.conftest import write_config
 
@@ -30,7 +31,7 @@ def setup(tmp_path, database_url, monkeypatch, contoso_sim):
     # Delta pages of 10 and batches of 4 pages (40 rows): every groups sync here goes through
     # the writer's pipeline many times.
     monkeypatch.setattr(simulator_server, "DELTA_PAGE_MAX", 10)
-    monkeypatch.setattr(directory_groups, "FLUSH_ROWS", 37)
+    monkeypatch.setattr(groups, "FLUSH_ROWS", 37)
     cfg = write_config(tmp_path / "atlas.yaml", database_url, "mass_deletion_threshold: 1.0\n")
     database = DatabaseResource(config_path=str(cfg))
     engine = database.engine()

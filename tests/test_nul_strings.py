@@ -9,8 +9,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from atlas_dagster import backup_store as store
-from atlas_dagster import bulk, db, schema
+from atlas_dagster import db, schema
 from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
 from atlas_dagster.config import load_config
@@ -19,6 +18,8 @@ from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.start import start_operation
 from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.resources.graph import client_for
+from atlas_dagster.stores import backup_diff, backup_export, bulk
+from atlas_dagster.stores import backups as store
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
 from tests.conftest import write_config
 
@@ -219,8 +220,8 @@ def test_a_backup_with_nul_in_names_succeeds_and_exports_and_diffs_the_exact_ori
     assert items[("device_configurations", dc)].display_name == "Baseline␀ Win"
 
     out = tmp_path / "export"
-    store.export_set(engine, set_a, out)
-    manifest = json.loads((out / store.MANIFEST).read_text())
+    backup_export.export_set(engine, set_a, out)
+    manifest = json.loads((out / backup_export.MANIFEST).read_text())
     files = {(f["contract_key"], f["external_id"]): out / f["file"] for f in manifest["files"]}
     for key, external_id in planted.items():
         [graph] = [o for o in tenant.policies(key) if o["id"] == external_id]
@@ -230,7 +231,7 @@ def test_a_backup_with_nul_in_names_succeeds_and_exports_and_diffs_the_exact_ori
 
     tenant.update_policy("device_configurations", dc, {"displayName": "Baseline\x00 Win 2"})
     second = _start(env, "backup_schedule.run_now", schedule="contoso-nightly")
-    diff = store.diff_sets(engine, set_a, second.context["backup_schedule_run_id"])
+    diff = backup_diff.diff_sets(engine, set_a, second.context["backup_schedule_run_id"])
     [change] = diff.changed
     assert (change.policy.contract_key, change.policy.external_id) == ("device_configurations", dc)
     assert [(f.path, f.before, f.after) for f in change.fields] == [

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from atlas_dagster import db, schema
 from atlas_dagster.config import parse_config
 from atlas_dagster.ledger.store import OperationLedger
-from atlas_dagster.readiness import record_checks
+from atlas_dagster.stores.checks import record_checks
 from tests.conftest import PG_ADMIN_URL, write_config
 
 pytestmark = pytest.mark.postgres

@@ -15,9 +15,9 @@ from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.start import start_operation
 from atlas_dagster.ledger.store import OperationLedger
-from atlas_dagster.readiness import latest_checks
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.simulator import FaultPlan
+from atlas_dagster.stores.checks import latest_checks
 from graph_contracts import CONTRACTS
 from tests.conftest import write_config
 

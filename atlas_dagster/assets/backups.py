@@ -2,7 +2,7 @@
 
 A backup run (``backup_schedule.run_now``, ``.retry`` or ``.scheduled``) writes one backup set of
 its schedule: every selected policy type read completely through the GraphClient, each policy
-stored as an item whose payload is kept once per content hash (``backup_store``). A type that
+stored as an item whose payload is kept once per content hash (``stores.backups``). A type that
 fails (403, throttled out) is recorded on the set and the ledger row, and the others are still
 backed up. A retry reads only the types its original run failed and carries the original set's
 other types over, so every set is a whole snapshot of its schedule.
@@ -16,7 +16,6 @@ from typing import Any
 import dagster as dg
 from sqlalchemy.engine import Engine
 
-from atlas_dagster import backup_store as store
 from atlas_dagster.assets.common import (
     connection_for_run,
     graph_counts,
@@ -27,9 +26,8 @@ from atlas_dagster.config import AtlasConfig, BackupSchedule
 from atlas_dagster.connections import ensure_partitions, provider_connection_partitions
 from atlas_dagster.db import connection_ids
 from atlas_dagster.ledger.job import OperationHandle, operation_scope
-from atlas_dagster.ledger.run_types import TAG_BACKUP_SCHEDULE, TAG_OPERATION_RUN_ID, TAG_RUN_TYPE
+from atlas_dagster.ledger.run_types import RUN_TYPES, TAG_BACKUP_SCHEDULE, StartRequest, Trigger
 from atlas_dagster.ledger.store import OperationLedger, OperationRun
-from atlas_dagster.readiness import record_denied
 from atlas_dagster.reasons import (
     FATAL_FOR_ALL_TYPES,
     PROVIDER_BAD_RESPONSE,
@@ -44,6 +42,9 @@ from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.schedules import dagster_name
+from atlas_dagster.stores import backups as store
+from atlas_dagster.stores.backup_diff import change_counts
+from atlas_dagster.stores.checks import record_denied
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS
 
 SCHEDULED = "backup_schedule.scheduled"
@@ -332,7 +333,7 @@ def backups(
             assert first is not None
             raise AtlasError(first.reason_code, f"every policy type failed; first: {first}")
         current = store.require_set(engine, set_id)
-        summary.changes = store.change_counts(engine, store.previous_set(engine, current), current)
+        summary.changes = change_counts(engine, store.previous_set(engine, current), current)
         summary.retention = store.apply_retention(engine, schedule.id, schedule.retention_days)
         handle.progress(**summary.counts(), changed_since_previous=summary.changes)
         yield dg.MaterializeResult(metadata=_metadata(summary, handle))
@@ -392,18 +393,17 @@ def scheduled_tick(
     conn_id = connection_ids(engine)[entry.provider_connection]
     scheduled_for = when.astimezone(UTC).isoformat()
     name = schedule_name(entry.key)
-    started = ledger.ledger().start(
-        SCHEDULED,
-        provider_connection_id=conn_id,
-        trigger_source="schedule",
+    request = StartRequest(
+        RUN_TYPES[SCHEDULED],
+        connection_key=entry.provider_connection,
+        connection_id=conn_id,
+        trigger=Trigger.SCHEDULE,
         initiator=name,
-        context={
-            "backup_schedule_id": schedule.id,
-            "backup_schedule_key": entry.key,
-            "scheduled_for": scheduled_for,
-            "provider_connection_key": entry.provider_connection,
-        },
+        schedule_id=schedule.id,
+        schedule_key=entry.key,
+        scheduled_for=scheduled_for,
     )
+    started = ledger.ledger().open(request)
     if not started.created:
         return dg.SkipReason(
             f"the tick of {scheduled_for} already has operation run #{started.row.id}"
@@ -411,9 +411,5 @@ def scheduled_tick(
     return dg.RunRequest(
         run_key=f"{name}:{scheduled_for}",
         partition_key=entry.provider_connection,
-        tags={
-            TAG_OPERATION_RUN_ID: str(started.row.id),
-            TAG_RUN_TYPE: SCHEDULED,
-            TAG_BACKUP_SCHEDULE: entry.key,
-        },
+        tags=request.tags(started.row.id),
     )

@@ -1,4 +1,4 @@
-"""Helpers the tenant assets share: the run's connection, metadata rendering, Graph dates."""
+"""Helpers the tenant assets share: the run's connection, metadata rendering, freshness."""
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -11,19 +11,10 @@ from atlas_dagster.config import ProviderConnection
 from atlas_dagster.db import connection_ids
 from atlas_dagster.reasons import PROVIDER_CONNECTION_MISSING, AtlasError
 from atlas_dagster.resources.database import DatabaseResource
+from atlas_dagster.stores.cache import latest_refresh
 
 # A daily refresh that ran a little late is still fresh.
 FRESHNESS_WINDOW = timedelta(hours=26)
-
-
-def active_rows(engine: sa.Engine, table: sa.Table, conn_id: int) -> int:
-    """How many of a connection's cached rows are not soft-deleted."""
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.select(sa.func.count()).where(
-                table.c.provider_connection_id == conn_id, table.c.deleted_at.is_(None)
-            )
-        ).scalar_one()
 
 
 def connection_for_run(database: DatabaseResource, key: str) -> tuple[ProviderConnection, int]:
@@ -36,18 +27,6 @@ def connection_for_run(database: DatabaseResource, key: str) -> tuple[ProviderCo
             f"provider connection {key!r} is not in the config ({database.config().source})",
         ) from None
     return connection, connection_ids(database.engine())[key]
-
-
-def parse_graph_datetime(value: str | None) -> datetime | None:
-    """A Graph timestamp ('Z', up to 7 fractional digits: Python 3.11 reads both, keeping 6),
-    or None when there is none or it does not parse."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def graph_counts(graph: Mapping[str, int]) -> dict[str, int]:
@@ -98,15 +77,7 @@ def freshness_result(
     engine = database.engine()
     ids = connection_ids(engine)
     keys = [c.key for c in database.config().provider_connections]
-    table = stamp.table
-    with engine.connect() as conn:
-        latest = dict(
-            conn.execute(
-                sa.select(table.c.provider_connection_id, sa.func.max(stamp)).group_by(
-                    table.c.provider_connection_id
-                )
-            ).all()
-        )
+    latest = latest_refresh(engine, stamp)
     now = datetime.now(UTC)
     ages: dict[str, float | None] = {}
     for key in keys:

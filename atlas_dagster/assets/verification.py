@@ -15,7 +15,6 @@ from atlas_dagster.assets.common import connection_for_run, int_metadata, table_
 from atlas_dagster.connections import provider_connection_partitions
 from atlas_dagster.ledger.job import operation_scope
 from atlas_dagster.ledger.run_types import Outcome
-from atlas_dagster.readiness import MISSING_PERMISSION, PROBE_FAILED, READY, record_checks
 from atlas_dagster.reasons import (
     BLOCKING_FOR_VERIFICATION,
     PROVIDER_AUTH_FAILED,
@@ -26,6 +25,7 @@ from atlas_dagster.reasons import (
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
+from atlas_dagster.stores.checks import MISSING_PERMISSION, PROBE_FAILED, READY, record_checks
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, granted
 
 VERIFIED_CONTRACTS: tuple[str, ...] = (*POLICY_CONTRACTS, "groups_delta")

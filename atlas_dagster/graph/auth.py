@@ -267,7 +267,7 @@ class EntraAuth(httpx.Auth):
     refused response and the new request before it goes."""
 
     requires_request_body = True  # the resend carries the same body
-    requires_response_body = True
+    requires_response_body = True  # the refused response frees its connection before sign-in
 
     def __init__(
         self, tokens: Tokens, before_resend: Callable[[httpx.Request, httpx.Response], None]

@@ -30,6 +30,7 @@ from atlas_dagster.ledger.run_types import (
     TAG_RUN_TYPE,
     Identity,
     Outcome,
+    StartRequest,
     Status,
     Trigger,
 )
@@ -47,7 +48,7 @@ def timestamp(value: float | datetime | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC)
 
 
-def _trigger(tags: dict[str, str]) -> tuple[str, str]:
+def _trigger(tags: dict[str, str]) -> tuple[Trigger, str]:
     if "dagster/schedule_name" in tags:
         return Trigger.SCHEDULE, tags["dagster/schedule_name"]
     if "dagster/sensor_name" in tags:
@@ -89,31 +90,27 @@ def _adopt(
         rt = JOB_TYPES[run.job_name]
     partition = tags.get("dagster/partition")
     conn_id = _connection_id(ledger, partition)
-    trigger_source, initiator = _trigger(tags)
-    context: dict[str, Any] = {"provider_connection_key": partition, "adopted": True}
-    if tags.get(TAG_BACKUP_SCHEDULE):
-        context["backup_schedule_key"] = tags[TAG_BACKUP_SCHEDULE]
-    placeholder = None
+    trigger, initiator = _trigger(tags)
+    pending = placeholder = None
     if rt.identity is Identity.DETERMINISTIC:
         # The run may be queued behind the holder of its identity (the per-tenant concurrency
         # limit serialises them): adopt it under a placeholder identity; the job takes the real
         # one when it starts (see claim).
-        context["pending_identity"] = rt.identity_hash(
-            {"provider_connection_id": conn_id, "target_scope": "all"}
-        )
+        pending = rt.identity_hash({"provider_connection_id": conn_id, "target_scope": "all"})
         placeholder = hashlib.sha256(f"adopted:{run.run_id}".encode()).hexdigest()
-    else:
-        context["nonce"] = run.run_id
-    # A concurrent adoption of the same run is settled inside start (found by its run id).
-    return ledger.start(
-        rt.name,
-        provider_connection_id=conn_id,
-        trigger_source=trigger_source,
+    request = StartRequest(
+        rt,
+        connection_key=partition,
+        connection_id=conn_id,
+        trigger=trigger,
         initiator=initiator,
-        context=context,
-        dagster_run_id=run.run_id,
-        created_at=created_at,
-        identity=placeholder,
+        schedule_key=tags.get(TAG_BACKUP_SCHEDULE) or None,
+        adopted_run_id=run.run_id,
+        pending_identity=pending,
+    )
+    # A concurrent adoption of the same run is settled inside start (found by its run id).
+    return ledger.open(
+        request, dagster_run_id=run.run_id, created_at=created_at, identity=placeholder
     ).row
 
 

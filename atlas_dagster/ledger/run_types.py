@@ -128,3 +128,47 @@ JOB_TYPES: dict[str, RunType] = {}
 for _rt in RUN_TYPES.values():
     JOB_TYPES.setdefault(_rt.job_name, _rt)
 LEDGER_JOBS = frozenset(JOB_TYPES)
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """Everything a start surface (the CLI, a refresh schedule, a backup schedule's tick, the
+    mirror adopting a run launched elsewhere) says about a new operation. Its ``context`` and
+    ``tags`` are the one place the row's context keys and the run's tags are spelled."""
+
+    run_type: RunType
+    connection_key: str | None
+    connection_id: int | None
+    trigger: Trigger
+    initiator: str
+    schedule_id: int | None = None
+    schedule_key: str | None = None
+    scheduled_for: str | None = None
+    retry_of: int | None = None
+    accept_deletions: bool = False
+    # The mirror's adoption: the run it adopts, and the identity its job takes when it starts.
+    adopted_run_id: str | None = None
+    pending_identity: str | None = None
+
+    def context(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "provider_connection_key": self.connection_key,
+            "backup_schedule_id": self.schedule_id,
+            "backup_schedule_key": self.schedule_key,
+            "scheduled_for": self.scheduled_for,
+            "retry_of": self.retry_of,
+            "accept_deletions": self.accept_deletions or None,
+            "pending_identity": self.pending_identity,
+        }
+        if self.adopted_run_id:
+            values["adopted"] = True
+            if self.run_type.identity is Identity.NONCE:
+                values["nonce"] = self.adopted_run_id
+        return {k: v for k, v in values.items() if v is not None}
+
+    def tags(self, row_id: int) -> dict[str, str]:
+        """The Dagster run tags that tie the run to its row."""
+        tags = {TAG_OPERATION_RUN_ID: str(row_id), TAG_RUN_TYPE: self.run_type.name}
+        if self.schedule_key:
+            tags[TAG_BACKUP_SCHEDULE] = self.schedule_key
+        return tags

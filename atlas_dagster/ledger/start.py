@@ -15,12 +15,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 
 from atlas_dagster import db
-from atlas_dagster.backup_store import find_schedule
 from atlas_dagster.config import AtlasConfig
 from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.ledger import liveness
@@ -29,15 +27,15 @@ from atlas_dagster.ledger.reconcile import reap, row_dead_reason
 from atlas_dagster.ledger.run_types import (
     RETRYABLE_OUTCOMES,
     RUN_TYPES,
-    TAG_BACKUP_SCHEDULE,
     TAG_OPERATION_RUN_ID,
-    TAG_RUN_TYPE,
+    StartRequest,
     Status,
     Trigger,
 )
 from atlas_dagster.ledger.store import OperationLedger, OperationRun
 from atlas_dagster.reasons import one_line
 from atlas_dagster.resources.database import ready_engine
+from atlas_dagster.stores.backups import find_schedule
 
 INSTANCE_TEMPLATE = Path(__file__).parent.parent / "instance" / "dagster.yaml"
 LOCATION_NAME = "atlas_dagster"
@@ -114,8 +112,7 @@ def start_operation(
         raise StartError(f"run type {run_type} has no job yet ({rt.job_name} is not defined)")
     engine = ready_engine(config)
     ledger = OperationLedger(engine)
-    context: dict[str, Any] = {}
-    tags: dict[str, str] = {TAG_RUN_TYPE: run_type}
+    schedule_id: int | None = None
 
     if retry_of is not None:
         if run_type != "backup_schedule.retry":
@@ -140,25 +137,28 @@ def start_operation(
         assert srow is not None
         if connection and connection != conn_key:
             raise StartError(f"schedule {schedule!r} belongs to connection {conn_key!r}")
-        connection = conn_key
-        context.update(backup_schedule_id=srow.id, backup_schedule_key=schedule)
-        tags[TAG_BACKUP_SCHEDULE] = schedule
-        if run_type == "backup_schedule.retry":
-            if retry_of is None:
-                raise StartError("backup_schedule.retry needs --retry-of ID")
-            context["retry_of"] = retry_of
-        if run_type == "backup_schedule.scheduled":
-            if scheduled_for is None:
-                raise StartError("backup_schedule.scheduled is started by its schedule only")
-            context["scheduled_for"] = scheduled_for.isoformat()
+        connection, schedule_id = conn_key, srow.id
+        if run_type == "backup_schedule.retry" and retry_of is None:
+            raise StartError("backup_schedule.retry needs --retry-of ID")
+        if run_type == "backup_schedule.scheduled" and scheduled_for is None:
+            raise StartError("backup_schedule.scheduled is started by its schedule only")
     if not connection:
         raise StartError(f"{run_type} needs --connection")
     if connection not in {c.key for c in config.provider_connections}:
         raise StartError(f"no provider connection {connection!r} in the config ({config.source})")
-    conn_id = db.connection_ids(engine)[connection]  # ready_engine wrote the config's entries
-    context["provider_connection_key"] = connection
-    if accept_deletions:
-        context["accept_deletions"] = True
+    request = StartRequest(
+        rt,
+        connection_key=connection,
+        # ready_engine wrote the config's entries
+        connection_id=db.connection_ids(engine)[connection],
+        trigger=Trigger(trigger_source),
+        initiator=initiator or _whoami(),
+        schedule_id=schedule_id,
+        schedule_key=schedule if rt.needs_schedule else None,
+        scheduled_for=scheduled_for.isoformat() if scheduled_for else None,
+        retry_of=retry_of,
+        accept_deletions=accept_deletions,
+    )
 
     if in_process and instance is None:
         instance = open_instance()
@@ -166,21 +166,12 @@ def start_operation(
     token = uuid.uuid4().hex if in_process else None
     executor = liveness.here().to_dict() if in_process else None
     for _ in range(5):
-        started = ledger.start(
-            run_type,
-            provider_connection_id=conn_id,
-            trigger_source=trigger_source,
-            initiator=initiator or _whoami(),
-            context=context,
-            executor=executor,
-            executor_token=token,
-        )
+        started = ledger.open(request, executor=executor, executor_token=token)
         if started.created or not _settle(ledger, started.row, instance or _known_instance()):
             break
     if not started.created:
         return StartOutcome(started.row, created=False, dispatched=False)
-    tags[TAG_OPERATION_RUN_ID] = str(started.row.id)
-    tags["dagster/partition"] = connection
+    tags = {**request.tags(started.row.id), "dagster/partition": connection}
     try:
         if in_process:
             assert instance is not None

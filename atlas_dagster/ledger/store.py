@@ -26,6 +26,7 @@ from atlas_dagster.ledger.run_types import (
     Identity,
     Outcome,
     RunType,
+    StartRequest,
     Status,
     Trigger,
 )
@@ -169,6 +170,30 @@ class OperationLedger:
             return [_row(r) for r in conn.execute(q.order_by(self.t.c.id))]
 
     # --- Starts --------------------------------------------------------------------------
+
+    def open(
+        self,
+        request: StartRequest,
+        *,
+        dagster_run_id: str | None = None,
+        created_at: datetime | None = None,
+        identity: str | None = None,
+        executor: Mapping[str, Any] | None = None,
+        executor_token: str | None = None,
+    ) -> Started:
+        """The typed start every start surface uses: the row of ``request`` (see ``start``)."""
+        return self.start(
+            request.run_type.name,
+            provider_connection_id=request.connection_id,
+            trigger_source=request.trigger,
+            initiator=request.initiator,
+            context=request.context(),
+            dagster_run_id=dagster_run_id,
+            created_at=created_at,
+            identity=identity,
+            executor=executor,
+            executor_token=executor_token,
+        )
 
     def start(
         self,

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from atlas_dagster import bulk, schema
+from atlas_dagster import schema
 from atlas_dagster.reasons import PROVIDER_PERMISSION_DENIED, GraphError
+from atlas_dagster.stores import bulk
 
 READY = "ready"
 MISSING_PERMISSION = "missing_permission"

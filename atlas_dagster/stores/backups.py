@@ -13,43 +13,36 @@ returns on both backends and export exactly; a display name (for people) shows a
 Each item also points at a small JSON document (in the same payload table) naming the groups and
 filters its assignments targeted, resolved from the cached tables when the backup was taken.
 
-Reading, diffing, exporting and retention are here too; the backup job (``assets/backups.py``)
-does the Graph side.
+Reading and retention are here too; ``backup_diff`` compares two sets, ``backup_export`` writes
+one out as files, and the backup asset (``assets/backups.py``) does the Graph side.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from atlas_dagster import bulk, schema
+from atlas_dagster import schema
 from atlas_dagster.reasons import PROVIDER_BAD_RESPONSE, GraphError, one_line
+from atlas_dagster.stores import bulk
 from graph_contracts import (
-    CONTRACTS,
-    UNORDERED_ARRAYS,
     Contract,
     canonical_json,
     classify,
     content_hash,
     extract_assignments,
     object_name,
-    stable_payload,
 )
 
 SET_RUNNING, SET_COMPLETE, SET_PARTIAL, SET_FAILED = "running", "complete", "partial", "failed"
 SET_STATUSES = (SET_RUNNING, SET_COMPLETE, SET_PARTIAL, SET_FAILED)
-MANIFEST = "manifest.json"
 
 
 class BackupStoreError(Exception):
@@ -172,11 +165,6 @@ def _unstorable(contract: Contract, external_id: str, problem: str) -> GraphErro
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def export_text(payload: str) -> str:
-    """A stored payload as a file: sorted keys, indent 2, trailing newline (byte-stable)."""
-    return json.dumps(json.loads(payload), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
 # --- Writing ---------------------------------------------------------------------------------
@@ -477,307 +465,6 @@ def load_payloads(engine: Engine, hashes: Iterable[str]) -> dict[str, str]:
             ):
                 out[r.content_hash] = r.payload
     return out
-
-
-# --- Diff --------------------------------------------------------------------------------------
-
-# How elements of an unordered array are matched between two versions: the first of these
-# fields that every element carries and that is unique within each version.
-IDENTITY_FIELDS = (
-    "settingInstance.settingDefinitionId",
-    "definitionId",
-    "definition.id",
-    "presentation.id",
-    "ruleName",
-    "actionType",
-    "locale",
-    "mobileAppIdentifier.bundleId",
-    "mobileAppIdentifier.packageId",
-    "id",
-    "target.groupId",
-)
-
-
-@dataclass(frozen=True)
-class FieldChange:
-    path: str
-    kind: str  # added, removed, changed
-    before: Any = None
-    after: Any = None
-
-
-def _lookup(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            return None
-        obj = obj[part]
-    return obj
-
-
-def _identity_field(before: list[Any], after: list[Any]) -> str | None:
-    elements = before + after
-    if not elements or not all(isinstance(e, dict) for e in elements):
-        return None
-    for name in IDENTITY_FIELDS:
-        values_ok = True
-        for side in (before, after):
-            values = [_lookup(e, name) for e in side]
-            if any(v is None or isinstance(v, dict | list) for v in values) or len(
-                set(map(str, values))
-            ) != len(values):
-                values_ok = False
-                break
-        if values_ok:
-            return name
-    return None
-
-
-def field_diff(before: Any, after: Any, path: str = "") -> list[FieldChange]:
-    """Field-level differences between two stable payloads (see ``stable_payload``). Unordered
-    arrays are matched by element identity, so a reordering is no change."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        out: list[FieldChange] = []
-        for key in sorted(set(before) | set(after)):
-            sub = f"{path}.{key}" if path else key
-            if key not in before:
-                out.append(FieldChange(sub, "added", after=after[key]))
-            elif key not in after:
-                out.append(FieldChange(sub, "removed", before=before[key]))
-            elif isinstance(before[key], list) and isinstance(after[key], list):
-                out += _list_diff(key, before[key], after[key], sub)
-            else:
-                out += field_diff(before[key], after[key], sub)
-        return out
-    if before == after and type(before) is type(after):
-        return []
-    return [FieldChange(path, "changed", before, after)]
-
-
-def _list_diff(key: str, before: list[Any], after: list[Any], path: str) -> list[FieldChange]:
-    if key not in UNORDERED_ARRAYS:
-        out: list[FieldChange] = []
-        for n in range(max(len(before), len(after))):
-            sub = f"{path}[{n}]"
-            if n >= len(before):
-                out.append(FieldChange(sub, "added", after=after[n]))
-            elif n >= len(after):
-                out.append(FieldChange(sub, "removed", before=before[n]))
-            else:
-                out += field_diff(before[n], after[n], sub)
-        return out
-    identity = _identity_field(before, after)
-    if identity is None:
-        # Elements without an identity: compare as multisets of whole values.
-        left = [canonical_json(v) for v in before]
-        right = [canonical_json(v) for v in after]
-        out = []
-        for text in sorted(set(left) | set(right)):
-            extra = right.count(text) - left.count(text)
-            value = json.loads(text)
-            for _ in range(abs(extra)):
-                out.append(
-                    FieldChange(f"{path}[]", "added", after=value)
-                    if extra > 0
-                    else FieldChange(f"{path}[]", "removed", before=value)
-                )
-        return out
-    old = {str(_lookup(e, identity)): e for e in before}
-    new = {str(_lookup(e, identity)): e for e in after}
-    out = []
-    for ident in sorted(set(old) | set(new)):
-        sub = f"{path}[{identity}={ident}]"
-        if ident not in old:
-            out.append(FieldChange(sub, "added", after=new[ident]))
-        elif ident not in new:
-            out.append(FieldChange(sub, "removed", before=old[ident]))
-        else:
-            out += field_diff(old[ident], new[ident], sub)
-    return out
-
-
-@dataclass(frozen=True)
-class PolicyRef:
-    contract_key: str
-    external_id: str
-    display_name: str | None
-    policy_type: str | None
-
-
-@dataclass(frozen=True)
-class PolicyChange:
-    policy: PolicyRef
-    fields: list[FieldChange]
-
-
-@dataclass
-class SetDiff:
-    set_a: int
-    set_b: int
-    compared_types: list[str]
-    skipped_types: list[str]
-    added: list[PolicyRef] = field(default_factory=list)
-    removed: list[PolicyRef] = field(default_factory=list)
-    changed: list[PolicyChange] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _ref(item: StoredItem) -> PolicyRef:
-    return PolicyRef(item.contract_key, item.external_id, item.display_name, item.policy_type)
-
-
-def diff_sets(engine: Engine, a: int, b: int) -> SetDiff:
-    """What changed from set ``a`` to set ``b``: policies added, removed and changed (with their
-    field changes), over the policy types both sets hold completely."""
-    first, second = require_set(engine, a), require_set(engine, b)
-    for s in (first, second):
-        if s.status not in (SET_COMPLETE, SET_PARTIAL):
-            raise BackupStoreError(f"backup set #{s.id} is {s.status}: it holds no usable copy")
-    compared = sorted(first.covered_types & second.covered_types)
-    skipped = sorted((first.covered_types | second.covered_types) - set(compared))
-    old, new = set_items(engine, a, compared), set_items(engine, b, compared)
-    result = SetDiff(a, b, compared, skipped)
-    result.added = [_ref(new[k]) for k in sorted(new.keys() - old.keys())]
-    result.removed = [_ref(old[k]) for k in sorted(old.keys() - new.keys())]
-    changed = [
-        k for k in sorted(old.keys() & new.keys()) if old[k].content_hash != new[k].content_hash
-    ]
-    payloads = load_payloads(
-        engine, [old[k].content_hash for k in changed] + [new[k].content_hash for k in changed]
-    )
-    for k in changed:
-        contract = CONTRACTS[k[0]]
-        before = stable_payload(contract, json.loads(payloads[old[k].content_hash]))
-        after = stable_payload(contract, json.loads(payloads[new[k].content_hash]))
-        result.changed.append(PolicyChange(_ref(new[k]), field_diff(before, after)))
-    return result
-
-
-def change_counts(engine: Engine, previous: BackupSet | None, current: BackupSet) -> dict[str, int]:
-    """Policies added, removed and changed since ``previous`` (by content hash), over the types
-    both sets hold completely."""
-    if previous is None:
-        return {"added": current.item_count, "removed": 0, "changed": 0}
-    types = previous.covered_types & current.covered_types
-    old, new = set_items(engine, previous.id, types), set_items(engine, current.id, types)
-    return {
-        "added": len(new.keys() - old.keys()),
-        "removed": len(old.keys() - new.keys()),
-        "changed": sum(
-            1 for k in old.keys() & new.keys() if old[k].content_hash != new[k].content_hash
-        ),
-    }
-
-
-# --- Export ------------------------------------------------------------------------------------
-
-
-def file_stem(display_name: str | None, external_id: str) -> str:
-    """``<sanitised display name>__<id>``: readable, unique per policy, safe on every OS."""
-    return f"{_sanitise(display_name or '', 80) or 'unnamed'}__{_sanitise(external_id, 120)}"
-
-
-def _sanitise(text: str, limit: int) -> str:
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_text).strip("-._")
-    return cleaned[:limit].rstrip("-._")
-
-
-@dataclass
-class ExportResult:
-    directory: str
-    files: list[str]
-    removed: list[str]
-
-
-def export_set(engine: Engine, set_id: int, directory: str | Path) -> ExportResult:
-    """Write one JSON file per policy (``<contract_key>/<name>__<id>.json``, the stored payload
-    byte-stable) and ``manifest.json`` (the set, and each file's assignment names). Files of an
-    earlier export into the same directory that this set no longer holds are removed, so the
-    directory can be committed to git as is."""
-    backup = require_set(engine, set_id)
-    root = Path(directory)
-    items = set_items(engine, set_id)
-    payloads = load_payloads(
-        engine,
-        [i.content_hash for i in items.values()]
-        + [i.assignment_names_hash for i in items.values() if i.assignment_names_hash],
-    )
-    earlier = _manifest_files(root)
-    files: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for key in sorted(items):
-        item = items[key]
-        stem = file_stem(item.display_name, item.external_id)
-        if f"{item.contract_key}/{stem}".lower() in used:
-            # Two ids that sanitise alike (or differ only in case): keep both files apart.
-            stem += "-" + hashlib.sha256(item.external_id.encode()).hexdigest()[:8]
-        used.add(f"{item.contract_key}/{stem}".lower())
-        rel = f"{item.contract_key}/{stem}.json"
-        _write_if_changed(root / rel, export_text(payloads[item.content_hash]))
-        names = payloads.get(item.assignment_names_hash or "")
-        files.append(
-            {
-                "file": rel,
-                "contract_key": item.contract_key,
-                "external_id": item.external_id,
-                "display_name": item.display_name,
-                "policy_type": item.policy_type,
-                "content_hash": item.content_hash,
-                "assignments": json.loads(names)["assignments"] if names else [],
-            }
-        )
-    written = {f["file"] for f in files}
-    removed = sorted(earlier - written)
-    for rel in removed:
-        target = root / rel
-        if target.is_file():
-            target.unlink()
-        if target.parent != root and target.parent.is_dir() and not any(target.parent.iterdir()):
-            target.parent.rmdir()
-    manifest = {
-        "backup_set": {
-            k: v
-            for k, v in backup.to_dict().items()
-            if k
-            in (
-                "id",
-                "provider_connection",
-                "backup_schedule",
-                "operation_run_id",
-                "scheduled_for",
-                "created_at",
-                "completed_at",
-                "status",
-                "policy_types",
-                "failure_summary",
-            )
-        },
-        "files": files,
-    }
-    _write_if_changed(root / MANIFEST, json.dumps(manifest, sort_keys=True, indent=2) + "\n")
-    return ExportResult(str(root), sorted(written), removed)
-
-
-def _manifest_files(root: Path) -> set[str]:
-    path = root / MANIFEST
-    if not path.is_file():
-        return set()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {str(f["file"]) for f in data.get("files", []) if ".." not in str(f["file"])}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return set()
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    # Leaving unchanged files untouched keeps their mtimes, so git and rsync see no change.
-    data = text.encode()
-    if path.is_file() and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
 
 
 # --- Retention ---------------------------------------------------------------------------------
