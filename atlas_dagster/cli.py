@@ -14,19 +14,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from atlas_dagster.config import AtlasConfig, ConfigError, load_config
-from atlas_dagster.ledger import start as starts
-from atlas_dagster.ledger.run_types import Outcome, Status
-from atlas_dagster.ledger.start import (
-    DispatchError,
-    StartError,
-    StartOutcome,
-    start_operation,
-    wait_for,
-)
+from atlas_dagster.ledger.run_types import RUN_TYPES, Outcome, Status
 from atlas_dagster.reasons import one_line
+
+if TYPE_CHECKING:  # the config (pydantic) and Dagster load only in the commands that need them
+    from atlas_dagster.config import AtlasConfig
+    from atlas_dagster.ledger.start import StartOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_BY_OUTCOME = {
@@ -35,8 +30,6 @@ EXIT_BY_OUTCOME = {
     Outcome.FAILED: EXIT_FAILED,
     Outcome.CANCELLED: EXIT_FAILED,
 }
-# What `-v` shows of an in-process run on the terminal: its step failures with their traces.
-VERBOSE_LOG_LEVEL = "WARNING"
 
 
 class UsageError(Exception):
@@ -44,9 +37,18 @@ class UsageError(Exception):
 
 
 def _config(args: argparse.Namespace) -> AtlasConfig:
+    from atlas_dagster.config import load_config
+
     if getattr(args, "config", None):
         os.environ["ATLAS_CONFIG"] = args.config
     return load_config()
+
+
+def _read_engine(args: argparse.Namespace):
+    """The database for a command that only reads: never migrated or written here."""
+    from atlas_dagster.db import read_engine
+
+    return read_engine(_config(args))
 
 
 def _print_json(value: Any) -> None:
@@ -80,8 +82,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_db_grant_readonly(args: argparse.Namespace) -> int:
+    from atlas_dagster.db import ready_engine
     from atlas_dagster.readonly import grant_readonly
-    from atlas_dagster.resources.database import ready_engine
 
     config = _config(args)
     engine = ready_engine(config)
@@ -166,9 +168,17 @@ def run_start(
     config = _config(args)
     _require_write_access(config, run_type)
 
+    from atlas_dagster.db import ready_engine
     from atlas_dagster.definitions import defs
+    from atlas_dagster.ledger.start import (
+        QUIET_LOG_LEVEL,
+        VERBOSE_LOG_LEVEL,
+        DispatchError,
+        StartOutcome,
+        start_operation,
+        wait_for,
+    )
     from atlas_dagster.ledger.store import OperationLedger
-    from atlas_dagster.resources.database import ready_engine
 
     try:
         outcome = start_operation(
@@ -180,6 +190,7 @@ def run_start(
             retry_of=getattr(args, "retry_of", None),
             accept_deletions=getattr(args, "accept_deletions", False),
             in_process=in_process,
+            console_log_level=VERBOSE_LOG_LEVEL if args.verbose else QUIET_LOG_LEVEL,
         )
     except DispatchError as exc:
         report(StartOutcome(exc.row, created=True, dispatched=False))
@@ -221,10 +232,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from atlas_dagster.db import connection_ids
     from atlas_dagster.ledger.store import OperationLedger
-    from atlas_dagster.resources.database import ready_engine
 
-    config = _config(args)
-    engine = ready_engine(config)
+    engine = _read_engine(args)
     ledger = OperationLedger(engine)
     ids = connection_ids(engine)
     if args.id is not None:
@@ -281,7 +290,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from atlas_dagster.assets.verification import checks_table
-    from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.db import ready_engine
     from atlas_dagster.stores.checks import latest_checks
 
     def report(outcome: StartOutcome) -> None:
@@ -321,10 +330,9 @@ def _backup_store_call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 
 
 def cmd_backups_list(args: argparse.Namespace) -> int:
-    from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.stores.backups import list_sets
 
-    engine = ready_engine(_config(args))
+    engine = _read_engine(args)
     sets = list_sets(engine, connection=args.connection, schedule=args.schedule, limit=args.limit)
     if args.json:
         _print_json([s.to_dict() for s in sets])
@@ -351,10 +359,9 @@ def cmd_backups_list(args: argparse.Namespace) -> int:
 
 
 def cmd_backups_diff(args: argparse.Namespace) -> int:
-    from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.stores.backup_diff import diff_sets
 
-    diff = _backup_store_call(diff_sets, ready_engine(_config(args)), args.a, args.b)
+    diff = _backup_store_call(diff_sets, _read_engine(args), args.a, args.b)
     if args.json:
         _print_json(diff.to_dict())
         return EXIT_OK
@@ -380,10 +387,9 @@ def cmd_backups_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_backups_export(args: argparse.Namespace) -> int:
-    from atlas_dagster.resources.database import ready_engine
     from atlas_dagster.stores.backup_export import export_set
 
-    result = _backup_store_call(export_set, ready_engine(_config(args)), args.set, args.dir)
+    result = _backup_store_call(export_set, _read_engine(args), args.set, args.dir)
     print(
         f"backup set #{args.set}: {len(result.files)} files in {result.directory}"
         + (f" ({len(result.removed)} stale files removed)" if result.removed else "")
@@ -405,8 +411,6 @@ def cmd_simulator_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from atlas_dagster.ledger.run_types import RUN_TYPES
-
     parser = argparse.ArgumentParser(prog="atlas-dagster", description=__doc__)
     parser.add_argument(
         "--config", help="path of atlas.yaml (default: $ATLAS_CONFIG, ./atlas.yaml)"
@@ -494,12 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    quiet_level = starts.IN_PROCESS_LOG_LEVEL
-    if args.verbose:
-        starts.IN_PROCESS_LOG_LEVEL = VERBOSE_LOG_LEVEL
+    from atlas_dagster.config import ConfigError
+    from atlas_dagster.db import DatabaseNotReady
+    from atlas_dagster.ledger.store import StartError
+
     try:
         return args.func(args)
-    except (ConfigError, UsageError, StartError) as exc:
+    except (ConfigError, UsageError, StartError, DatabaseNotReady) as exc:
         _error(args, str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -507,8 +512,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, the trace only with -v
         _error(args, one_line(exc))
         return EXIT_FAILED
-    finally:
-        starts.IN_PROCESS_LOG_LEVEL = quiet_level
 
 
 def _error(args: argparse.Namespace, line: str) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import warnings
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -32,8 +31,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError, PydanticUseDefault
+from pydantic_core import PydanticCustomError, PydanticUseDefault
 
+from atlas_dagster.yaml_layout import Layout
 from graph_contracts import POLICY_CONTRACTS
 
 DEFAULT_DATABASE_URL = "sqlite:///.atlas/atlas.db"
@@ -225,17 +225,64 @@ def _database_url(url: str) -> str:
     return url
 
 
-def _cron(expression: str) -> str:
-    # Dagster's own rule, so that every schedule the config accepts can be built. Dagster warns
-    # about out-of-range intervals itself when it builds the schedule.
-    import dagster as dg
+# The five cron fields Dagster schedules take: (low, high, names). Checked here without importing
+# Dagster (a command that only reads must start fast): the common cron syntax, never looser than
+# Dagster (a test compares the two); croniter's extensions (L, #, wrapping ranges) are refused.
+_CRON_FIELDS = (
+    (0, 59, ()),
+    (0, 23, ()),
+    (1, 31, ()),
+    (1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
+    (0, 7, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
+)
+_CRON_ITEM = re.compile(r"(?:(\*)|(\w+)(?:-(\w+))?)(?:/(\d+))?")
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dg.ScheduleDefinition(name="check", cron_schedule=expression, job_name="check")
-    except dg.DagsterInvalidDefinitionError:
-        raise _problem(f"not a valid cron expression: {expression!r}") from None
+
+def _cron_values(part: str, low: int, high: int, names: tuple[str, ...]) -> set[int] | None:
+    """The values one cron field selects, or None when it is not valid."""
+
+    def value(token: str) -> int | None:
+        if token.isdigit():
+            number = int(token)
+        elif token.upper() in names:
+            number = names.index(token.upper()) + low
+        else:
+            return None
+        return number if low <= number <= high else None
+
+    selected: set[int] = set()
+    for item in part.split(","):
+        match = _CRON_ITEM.fullmatch(item)
+        if match is None:
+            return None
+        star, first, last, step = match.groups()
+        start = low if star else value(first)
+        end = high if star or (step and not last) else value(last) if last else start
+        every = int(step) if step else 1
+        if start is None or end is None or start > end or every < 1:
+            return None
+        selected.update(range(start, end + 1, every))
+    return selected
+
+
+_CRON_ALIASES = frozenset(
+    {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+)
+
+
+def _cron(expression: str) -> str:
+    if expression.strip() in _CRON_ALIASES:
+        return expression
+    parts = expression.split()
+    values = (
+        [_cron_values(p, *f) for p, f in zip(parts, _CRON_FIELDS, strict=True)]
+        if len(parts) == 5
+        else [None]
+    )
+    # Dagster refuses a day that never comes (30 or 31 February).
+    never = len(values) == 5 and values[3] == {2} and values[2] in ({30}, {31})
+    if any(v is None for v in values) or never:
+        raise _problem(f"not a valid cron expression: {expression!r}")
     return expression
 
 
@@ -426,7 +473,7 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> AtlasConfig:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        layout = _Layout.of(node)
+        layout = Layout.of(node)
         problem = layout.structure_problem()
         if problem is not None:
             raise ConfigError(f"{source}: {problem}")
@@ -444,105 +491,3 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> AtlasConfig:
         # ``from None``: pydantic's own text quotes input values, and one of them may be a secret.
         raise ConfigError(f"{source}: {layout.explain(exc.errors()[0])}") from None
     return config.model_copy(update={"source": source})
-
-
-_NULL_TAG = "tag:yaml.org,2002:null"
-_STR_TAG = "tag:yaml.org,2002:str"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-_Path = tuple[str | int, ...]
-
-
-@dataclass
-class _Layout:
-    """A YAML document's shape before construction: the line of each node by its path (mapping
-    keys and list indices, as validation errors locate values), the names messages give list
-    entries, and the first key given twice in one mapping, which YAML loaders resolve by
-    silently keeping the last."""
-
-    empty: int | None = None  # the line of a document that holds no settings
-    lines: dict[_Path, int] = field(default_factory=dict)
-    labels: dict[_Path, str] = field(default_factory=dict)
-    duplicate: tuple[_Path, int, int] | None = None
-
-    @classmethod
-    def of(cls, node: yaml.Node | None) -> _Layout:
-        if node is None or node.tag == _NULL_TAG:
-            # An empty file is a mistake, not the demo.
-            return cls(empty=node.start_mark.line + 1 if node is not None else 1)
-        layout = cls(lines={(): node.start_mark.line + 1})
-        layout._visit(node, (), set())
-        return layout
-
-    def _visit(self, node: yaml.Node, path: _Path, visited: set[int]) -> None:
-        if id(node) in visited:  # an alias of a node already seen
-            return
-        visited.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self.lines[(*path, index)] = item.start_mark.line + 1
-                label = _entry_label(item)
-                if label is not None:
-                    self.labels[(*path, index)] = label
-                self._visit(item, (*path, index), visited)
-        elif isinstance(node, yaml.MappingNode):
-            first_lines: dict[tuple[str, str], int] = {}
-            for key, value in node.value:
-                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
-                    continue  # merged keys may be overridden; that is what a merge is for
-                line = key.start_mark.line + 1
-                self.lines[(*path, key.value)] = line
-                first = first_lines.get((key.tag, key.value))
-                if first is None:
-                    first_lines[key.tag, key.value] = line
-                elif self.duplicate is None:
-                    self.duplicate = ((*path, key.value), line, first)
-                self._visit(value, (*path, key.value), visited)
-
-    def structure_problem(self) -> str | None:
-        if self.empty is not None:
-            return (
-                f"line {self.empty}: the file holds no settings "
-                "(expected a mapping such as 'provider_connections: [...]')"
-            )
-        if self.duplicate is None:
-            return None
-        path, line, first = self.duplicate
-        return f"{self.where(path)}: duplicate key at line {line} (first given at line {first})"
-
-    def where(self, path: _Path) -> str:
-        """A path as messages name it: ``provider_connections[contoso].client_secret``."""
-        parts: list[str] = []
-        for depth, part in enumerate(path):
-            if isinstance(part, int):
-                parts.append(f"[{self.labels.get(path[: depth + 1], part)}]")
-            else:
-                parts.append(f".{part}" if parts else part)
-        return "".join(parts) or "top level"
-
-    def explain(self, error: ErrorDetails) -> str:
-        """One validation error as ``line N: entry.field: problem``."""
-        path: _Path = (*error["loc"], *error.get("ctx", {}).get("at", ()))
-        if error["type"] == "missing":
-            problem = "is required"
-        elif error["type"] == "string_type":
-            problem = f"expected a string, got {type(error['input']).__name__}"
-        else:
-            problem = error["msg"]
-        # The deepest node the file has: a missing field is named at its entry.
-        line = next(
-            self.lines[path[:n]] for n in reversed(range(len(path) + 1)) if path[:n] in self.lines
-        )
-        return f"line {line}: {self.where(path)}: {problem}"
-
-
-def _entry_label(item: yaml.Node) -> str | None:
-    """A list entry's name in messages: its ``key`` when it has one (else its index)."""
-    for key, value in item.value if isinstance(item, yaml.MappingNode) else ():
-        if isinstance(key, yaml.ScalarNode) and key.value == "key" and _is_text(value):
-            return value.value
-    return None
-
-
-def _is_text(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG and node.value != ""

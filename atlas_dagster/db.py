@@ -1,32 +1,93 @@
 """Engines, migrations and the config → database sync.
 
 Engines are cached per process and URL: Dagster builds resources on every sensor tick, and a new
-engine (pool, dialect setup) per tick would be wasteful.
+engine (pool, dialect setup) per tick would be wasteful. Writers use ``ready_engine`` (migrated,
+config synced); commands that only read use ``read_engine``, which changes nothing, so they work
+for a read-only role and start fast. Nothing here imports Dagster, and Alembic only to migrate.
 """
 
 from __future__ import annotations
 
 import fcntl
 import threading
-from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 from atlas_dagster import schema
-from atlas_dagster.config import AtlasConfig
+from atlas_dagster.config import AtlasConfig, config_path, load_config
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The newest migration; a test keeps it equal to Alembic's head. Reads compare the database's
+# revision with it without loading Alembic.
+HEAD_REVISION = "0003"
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
+_config_cache: dict[tuple[str, float], AtlasConfig] = {}
+_ready: set[AtlasConfig] = set()
+
+
+class DatabaseNotReady(Exception):
+    """The database is not at the schema this version reads (one line, for a command)."""
+
+
+def cached_config(path: str | None = None) -> AtlasConfig:
+    """The config, re-read only when the file changes (sensors build resources every tick)."""
+    resolved = Path(path) if path else config_path()
+    key = (str(resolved), resolved.stat().st_mtime if resolved and resolved.exists() else 0.0)
+    with _lock:
+        config = _config_cache.get(key)
+    if config is None:
+        config = load_config(resolved)
+        with _lock:
+            _config_cache[key] = config
+    return config
+
+
+def ready_engine(config: AtlasConfig) -> Engine:
+    """An engine whose database is at the head revision and holds the config's entries."""
+    engine = engine_for(config.database_url)
+    with _lock:
+        if config in _ready:
+            return engine
+    if current_revision(engine) != head_revision():
+        upgrade(engine)
+    sync_config(engine, config)
+    with _lock:
+        _ready.add(config)
+    return engine
+
+
+def read_engine(config: AtlasConfig) -> Engine:
+    """An engine for reading: the database must already be at the head revision; nothing is
+    migrated or written."""
+    engine = engine_for(config.database_url)
+    try:
+        with read_connection(engine) as conn:
+            revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    except sa.exc.DBAPIError:
+        revision = None
+    if revision != HEAD_REVISION:
+        where = f"at revision {revision}" if revision else "not set up"
+        raise DatabaseNotReady(
+            f"the database of {config.source} is {where}; this version reads revision "
+            f"{HEAD_REVISION}: run 'atlas-dagster db upgrade' (or any start) first"
+        )
+    return engine
+
+
+def forget_ready_engines() -> None:
+    with _lock:
+        _ready.clear()
+        _config_cache.clear()
 
 
 def engine_for(url: str) -> Engine:
@@ -109,13 +170,9 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-@contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    with engine.begin() as conn:
-        yield conn
-
-
 def alembic_config(engine: Engine | None) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -123,6 +180,8 @@ def alembic_config(engine: Engine | None) -> AlembicConfig:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config(None))
     head = script.get_current_head()
     assert head is not None
@@ -161,9 +220,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     Views are repeatable: they only read tables, so dropping and recreating them from
     ``schema.VIEWS`` after each upgrade keeps a single definition of each.
     """
+    from alembic import command
+
     with _migration_lock(engine):  # every caller: the CLI, the daemon, run workers
         command.upgrade(alembic_config(engine), revision)
-        with transaction(engine) as conn:
+        with engine.begin() as conn:
             for name in schema.VIEWS:
                 conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
             for name, sql in schema.VIEWS.items():
@@ -189,7 +250,7 @@ def sync_config(engine: Engine, config: AtlasConfig) -> dict[str, int]:
     with engine.connect() as conn:
         in_step = not _config_changes(conn, config, schema.utcnow())
     if not in_step:
-        with transaction(engine) as conn:
+        with engine.begin() as conn:
             for change in _config_changes(conn, config, schema.utcnow()):
                 conn.execute(change)
     keys = {c.key for c in config.provider_connections}

@@ -19,8 +19,9 @@ from atlas_dagster.assets.verification import (
     provider_connection_verify_job,
 )
 from atlas_dagster.config import AtlasConfig, ConfigError
+from atlas_dagster.db import cached_config
 from atlas_dagster.ledger.sensors import mirror_sensors, operation_runs_reconciler
-from atlas_dagster.resources.database import DatabaseResource, cached_config
+from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.schedules import refresh_schedules

@@ -10,10 +10,10 @@ import sqlalchemy as sa
 
 from atlas_dagster import schema
 from atlas_dagster.config import AtlasConfig
+from atlas_dagster.db import ready_engine
 from atlas_dagster.ledger.run_types import Outcome
 from atlas_dagster.ledger.start import ensure_dagster_home, job_names, start_operation
 from atlas_dagster.ledger.store import OperationLedger
-from atlas_dagster.resources.database import ready_engine
 
 SUMMARY_TABLES = (
     "provider_connections",

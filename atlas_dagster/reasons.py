@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from atlas_dagster.stores.bulk import text_cell
-
 PROVIDER_AUTH_FAILED = "provider_auth_failed"
 PROVIDER_PERMISSION_DENIED = "provider_permission_denied"
 PROVIDER_CONSENT_MISSING = "provider_consent_missing"
@@ -101,8 +99,12 @@ def failure(reason_code: str, message: str, contract_key: str | None = None) -> 
     """One ``failure_summary`` entry."""
     if reason_code not in REASON_CODES:
         raise ValueError(f"unknown reason code {reason_code!r}")
-    # The message may quote what Graph sent (a name, an id): the ledger's JSON holds no NUL.
-    entry: dict[str, Any] = {"reason_code": reason_code, "message": text_cell(message[:2000])}
+    # The message may quote what Graph sent (a name, an id): the ledger's JSON holds no NUL, so
+    # a NUL shows as U+2400, as in every text column people read (stores/bulk.py).
+    entry: dict[str, Any] = {
+        "reason_code": reason_code,
+        "message": message[:2000].replace("\x00", "\u2400"),
+    }
     if contract_key:
         entry["contract_key"] = contract_key
     return entry

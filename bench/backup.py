@@ -58,7 +58,7 @@ def _shared_names(engine, set_id: int) -> dict:
 
 def run(profile: str, database_url: str, latency_ms: float = 0.0) -> dict:
     from atlas_dagster.config import parse_config
-    from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.db import ready_engine
     from atlas_dagster.resources.graph import client_for
     from atlas_dagster.simulator import (
         GraphSimulator,

@@ -40,7 +40,7 @@ def scenario(profile: str, database_url: str, only: str, served: str) -> dict:
     from atlas_dagster.assets.directory_groups import run_groups_sync
     from atlas_dagster.assets.inventory import run_inventory_sync
     from atlas_dagster.config import parse_config
-    from atlas_dagster.resources.database import ready_engine
+    from atlas_dagster.db import ready_engine
     from atlas_dagster.resources.graph import client_for
 
     base_url, tenant_id, client_id = served.split(",")

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from atlas_dagster import db
 from atlas_dagster.config import parse_config
+from atlas_dagster.db import forget_ready_engines
 from atlas_dagster.ledger.store import OperationLedger
-from atlas_dagster.resources.database import forget_ready_engines
 from atlas_dagster.simulator import (
     GraphSimulator,
     SimulatedTenant,

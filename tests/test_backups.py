@@ -19,11 +19,11 @@ from atlas_dagster import cli, schema
 from atlas_dagster.assets.backups import plan_backup, set_status
 from atlas_dagster.config import load_config
 from atlas_dagster.connections import ensure_partitions
+from atlas_dagster.db import ready_engine
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.mirror import mirror_run_id
 from atlas_dagster.ledger.start import StartError, start_operation
 from atlas_dagster.ledger.store import OperationLedger, OperationRun, related_links
-from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.simulator import (
     GraphSimulator,

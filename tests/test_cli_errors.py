@@ -16,9 +16,9 @@ import pytest
 
 from atlas_dagster import cli, db
 from atlas_dagster.config import load_config
+from atlas_dagster.db import ready_engine
 from atlas_dagster.ledger.store import OperationLedger, OperationRun
 from atlas_dagster.reasons import failure
-from atlas_dagster.resources.database import ready_engine
 from graph_contracts import POLICY_CONTRACTS
 from tests.conftest import write_config
 

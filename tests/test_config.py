@@ -299,3 +299,66 @@ def test_invalid_config_changes_no_database(tmp_path, sqlite_url):
         after = conn.exec_driver_sql("SELECT key, cron FROM backup_schedules").fetchall()
     assert after == before
     engine.dispose()
+
+
+CRON_SAMPLES = [
+    "0 2 * * *",
+    "*/15 * * * *",
+    "0,30 8-18 * * 1-5",
+    "0 0 1-5 * MON-FRI",
+    "0 0 * JAN,FEB *",
+    "5/10 * * * *",
+    "0-59/5 * * * *",
+    "0 0 * * 7",
+    "0 0 * * sun",
+    "0 0 29 2 *",
+    "0 0 30,31 2 *",
+    "@daily",
+    "@hourly",
+    "61 * * * *",
+    "0 24 * * *",
+    "0 0 0 * *",
+    "0 0 * 13 *",
+    "0 0 * * 8",
+    "*/0 * * * *",
+    "0 0 30 2 *",
+    "0 0 31 2 *",
+    "* * *",
+    "* * * * * *",
+    "a b c d e",
+    "",
+]
+
+
+@pytest.mark.parametrize("expression", CRON_SAMPLES)
+def test_the_cron_check_is_dagsters_without_importing_dagster(expression):
+    import warnings
+
+    import dagster as dg
+
+    from atlas_dagster.config import _cron
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg.ScheduleDefinition(name="x", cron_schedule=expression, job_name="x")
+        dagster_accepts = True
+    except dg.DagsterInvalidDefinitionError:
+        dagster_accepts = False
+    try:
+        _cron(expression)
+        we_accept = True
+    except Exception:
+        we_accept = False
+    assert we_accept == dagster_accepts
+
+
+def test_loading_a_config_imports_no_dagster():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from atlas_dagster.config import load_config; load_config(); "
+        "assert 'dagster' not in sys.modules, 'dagster imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -257,3 +257,7 @@ def test_unknown_run_type_is_refused(ledger):
         ledger.start(
             "inventory.explode", provider_connection_id=None, trigger_source="cli", initiator="x"
         )
+
+
+def test_the_read_path_knows_alembics_head():
+    assert db.head_revision() == db.HEAD_REVISION

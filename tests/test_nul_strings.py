@@ -14,9 +14,9 @@ from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
 from atlas_dagster.config import load_config
 from atlas_dagster.connections import ensure_partitions
+from atlas_dagster.db import ready_engine
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.start import start_operation
-from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.resources.graph import client_for
 from atlas_dagster.stores import backup_diff, backup_export, bulk
 from atlas_dagster.stores import backups as store

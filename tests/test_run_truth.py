@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -143,8 +144,11 @@ def test_twelve_identical_starts_released_together_make_exactly_one_run(
 ):
     sim, base_url = served
     _, env = _setup(tmp_path, postgres_url, sim, base_url)
-    # A slowed tenant: the first start's run cannot finish before the last start begins.
-    sim.faults.latency_s = 0.2
+    # The tenant answers nothing until eleven starts have finished: the run of the one that
+    # created its row cannot end before the last start has met it, however loaded the machine.
+    gate = threading.Event()
+    answer = sim.handle
+    sim.handle = lambda request: (gate.wait(300), answer(request))[1]
     script = tmp_path / "go.py"
     script.write_text(GO_SCRIPT)
     go = tmp_path / "go"
@@ -162,6 +166,8 @@ def test_twelve_identical_starts_released_together_make_exactly_one_run(
     try:
         _until("all twelve starts at the barrier", lambda: all(r.exists() for r in ready), 240)
         go.touch()
+        _until("eleven starts to end", lambda: sum(p.poll() is not None for p in procs) >= 11, 240)
+        gate.set()
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:

@@ -9,9 +9,9 @@ import sqlalchemy as sa
 
 from atlas_dagster import schema
 from atlas_dagster.config import load_config
+from atlas_dagster.db import ready_engine
 from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.start import start_operation
-from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.simulator import GraphSimulator, SimulatedTenant
 
 SECRET = "Zq8~known-SECRET-value.4471"

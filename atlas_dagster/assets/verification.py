@@ -164,7 +164,7 @@ def provider_connection_checks(
         context.log.info(f"verification of {connection.key}: {result.outcome()} {result.counts()}")
         return dg.MaterializeResult(
             metadata={
-                "outcome": dg.MetadataValue.text(result.outcome()),
+                "outcome": dg.MetadataValue.text(result.outcome().value),
                 "signed_in": dg.MetadataValue.bool(result.signed_in),
                 "granted_permissions": dg.MetadataValue.json(result.roles),
                 **int_metadata(result.counts()),

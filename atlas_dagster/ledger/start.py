@@ -21,6 +21,7 @@ import dagster as dg
 from atlas_dagster import db
 from atlas_dagster.config import AtlasConfig
 from atlas_dagster.connections import ensure_partitions
+from atlas_dagster.db import ready_engine
 from atlas_dagster.ledger import liveness
 from atlas_dagster.ledger.mirror import mirror_run_id
 from atlas_dagster.ledger.reconcile import reap, row_dead_reason
@@ -32,20 +33,15 @@ from atlas_dagster.ledger.run_types import (
     Status,
     Trigger,
 )
-from atlas_dagster.ledger.store import OperationLedger, OperationRun
+from atlas_dagster.ledger.store import OperationLedger, OperationRun, StartError
 from atlas_dagster.reasons import one_line
-from atlas_dagster.resources.database import ready_engine
 from atlas_dagster.stores.backups import find_schedule
 
 INSTANCE_TEMPLATE = Path(__file__).parent.parent / "instance" / "dagster.yaml"
 LOCATION_NAME = "atlas_dagster"
 # Level of the console logger of in-process runs. Step failures log their stack trace at ERROR:
-# the terminal shows the ledger's one line instead, and `atlas-dagster -v` lowers this.
-IN_PROCESS_LOG_LEVEL = "CRITICAL"
-
-
-class StartError(Exception):
-    """A start that is not possible as asked (exit code 2: bad usage or config)."""
+# the terminal shows the ledger's one line instead; `atlas-dagster -v` asks for VERBOSE_LOG_LEVEL.
+QUIET_LOG_LEVEL, VERBOSE_LOG_LEVEL = "CRITICAL", "WARNING"
 
 
 class DispatchError(Exception):
@@ -101,6 +97,7 @@ def start_operation(
     in_process: bool = False,
     instance: dg.DagsterInstance | None = None,
     accept_deletions: bool = False,
+    console_log_level: str = QUIET_LOG_LEVEL,
 ) -> StartOutcome:
     """Create the ledger row of one operation and dispatch its run — or, when an active row of
     the same identity exists and its work is alive, return that row and dispatch nothing. A dead
@@ -175,7 +172,9 @@ def start_operation(
     try:
         if in_process:
             assert instance is not None
-            row = _execute_in_process(ledger, defs, rt.job_name, connection, tags, instance)
+            row = _execute_in_process(
+                ledger, defs, rt.job_name, connection, tags, instance, console_log_level
+            )
         else:
             row = _submit(ledger, config, rt.job_name, tags, started.row)
     except DispatchError:
@@ -236,6 +235,7 @@ def _execute_in_process(
     partition: str,
     tags: dict[str, str],
     instance: dg.DagsterInstance,
+    console_log_level: str,
 ) -> OperationRun:
     ensure_partitions(instance, [partition])
     run_id = str(uuid.uuid4())
@@ -249,7 +249,7 @@ def _execute_in_process(
         run_id=run_id,
         raise_on_error=False,
         # The full event log is in the Dagster UI.
-        run_config={"loggers": {"console": {"config": {"log_level": IN_PROCESS_LOG_LEVEL}}}},
+        run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
     )
     # No daemon watches in-process runs: mirror the finished run here, by the same code path.
     row = mirror_run_id(ledger, instance, run_id)

@@ -37,6 +37,10 @@ class LedgerError(Exception):
     """A start that cannot be made (unknown type, missing connection or schedule, …)."""
 
 
+class StartError(Exception):
+    """A start that is not possible as asked (a command answers it with exit code 2)."""
+
+
 class FencedOut(Exception):
     """A write of work whose ledger row is no longer running under its executor (it completed,
     e.g. because the reconciler found the work dead): the write is refused, nothing commits."""
