@@ -9,6 +9,7 @@ DataFrames, for analysts. Reads the database only.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 
 from atlas_dagster.config import load_config
 from atlas_dagster.db import engine_for, read_connection
+from atlas_dagster.stores import bulk
 
 
 def _engine(database_url: str | None) -> sa.Engine:
@@ -74,7 +76,8 @@ def inventory(
     seen_since: datetime | None = None,
     database_url: str | None = None,
 ) -> pd.DataFrame:
-    """``v_inventory_current``: the policies that exist now."""
+    """``v_inventory_current``: the policies that exist now; ``payload`` is each policy exactly
+    as Graph returned it (a dict, with any NUL the store had to escape restored)."""
     q = _query(
         "v_inventory_current",
         {
@@ -84,7 +87,14 @@ def inventory(
         },
         at_least=("last_seen_at", seen_since),
     )
-    return _read(q, database_url)
+    frame = _read(q, database_url)
+    frame["payload"] = frame["payload"].map(_payload)
+    return frame
+
+
+def _payload(stored: Any) -> Any:
+    # SQLite hands JSON columns of a view back as text, PostgreSQL as decoded values.
+    return bulk.decode_json(json.loads(stored) if isinstance(stored, str) else stored)
 
 
 def assignments(

@@ -335,7 +335,7 @@ def cmd_backups_list(args: argparse.Namespace) -> int:
     engine = _read_engine(args)
     sets = list_sets(engine, connection=args.connection, schedule=args.schedule, limit=args.limit)
     if args.json:
-        _print_json([s.to_dict() for s in sets])
+        _print_json({"backup_sets": [s.to_dict() for s in sets]})
         return EXIT_OK
     print(
         _table(

@@ -611,7 +611,7 @@ def test_cli_lists_and_exports_sets_and_rejects_unknown_ones(make_env):
     _, backup = _backup(env)
     code, out = _cli(env, "backups", "list", "--json")
     assert code == 0
-    [listed] = json.loads(out)
+    [listed] = json.loads(out)["backup_sets"]
     assert (listed["id"], listed["status"], listed["backup_schedule"]) == (
         backup.id,
         "complete",

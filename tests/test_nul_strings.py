@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from atlas_dagster import db, schema
+from atlas_dagster import analytics, db, schema
 from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
 from atlas_dagster.config import load_config
@@ -142,6 +142,13 @@ def test_nul_in_a_description_and_a_name_syncs_every_type_and_reads_back_exactly
             assert bulk.decode_json(row.payload) == graph[external_id], (key, external_id)
             # Hashes are of the true content, so the escape never reads as a change.
             assert row.content_hash == content_hash(CONTRACTS[key], graph[external_id])
+    # Analysts get the exact payloads back from analytics.inventory too.
+    frame = analytics.inventory(
+        connection="contoso", database_url=env["config"].database_url
+    ).set_index("external_id")
+    for key, external_id in planted.items():
+        graph = {o["id"]: o for o in tenant.policies(key)}
+        assert frame.loc[external_id, "payload"] == graph[external_id], key
     names = {
         key: _cached(engine, key)[external_id].display_name for key, external_id in planted.items()
     }
