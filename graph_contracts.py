@@ -15,11 +15,27 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from atlas_dagster.reasons import RESTORE_SECRET_UNAVAILABLE, RESTORE_UNSUPPORTED
 
 Paging = Literal["none", "next_link", "delta"]
 DetailMode = Literal["collection", "merge"]
+Method = Literal["GET", "POST", "PATCH", "PUT", "DELETE"]
+Throttle = Literal["intune", "intune_write", "directory"]
+# What a write does to the object it targets (the simulator applies writes by it):
+# create: a new object from the body; patch: the body's top-level fields, nothing nested;
+# replace: the top-level fields and ``source`` from the body (PUT); set: ``source`` becomes the
+# list under ``body_key``; merge: elements under ``body_key`` replace those of ``source`` with
+# the same ``match_field``, others stay; delta: ``delta_keys`` name the added, updated and deleted
+# (ids) elements of ``source``; append, patch_element, remove_element: one element of
+# ``source`` (``{sub_id}`` names it); field: the top-level field ``source`` becomes the value
+# under ``body_key``.
+WriteEffect = Literal[
+    "create", "patch", "replace", "set", "merge", "delta", "append", "patch_element",
+    "remove_element", "field",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,11 +71,104 @@ class Detail:
 
 
 @dataclass(frozen=True)
+class Write:
+    """One request Graph takes to write (part of) a policy object.
+
+    ``path`` holds ``{id}`` for the object (or, with ``id_from``, the backed-up object's field of
+    that name, e.g. the template an intent is created from) and ``{sub_id}`` for one element of
+    its nested content. ``status`` is what Graph answers on success (clients accept any 2xx:
+    Microsoft's pages and what peers observe disagree for a few actions). ``source`` is the part
+    of the backed-up object the request carries (a nested collection or a field; None: the
+    top-level fields) and ``body_key`` the key wrapping it in the request body (None: the element
+    or the fields are the body).
+    """
+
+    name: str
+    method: Method
+    path: str
+    permissions: tuple[str, ...]
+    effect: WriteEffect
+    status: int
+    source: str | None = None
+    body_key: str | None = None
+    match_field: str = "id"
+    delta_keys: tuple[str, ...] = ()
+    id_from: str | None = None
+
+    @property
+    def body_keys(self) -> tuple[str, ...]:
+        """The body keys that say a request is this write (several writes can share a path)."""
+        return self.delta_keys or ((self.body_key,) if self.body_key else ())
+
+
+@dataclass(frozen=True)
+class SecretRule:
+    """A value Graph returns masked (or not at all) that a restore must not write back.
+
+    The rule looks at the object itself, or at each element of ``collection`` (every nested
+    mapping under it with ``deep``), for a mapping whose ``when`` fields hold one of the listed
+    values; such a mapping's ``field`` is a secret, named by ``name_field`` (of the mapping or the
+    nearest enclosing one). ``odata_types`` limits the rule to objects of those types.
+    """
+
+    field: str
+    when: tuple[tuple[str, tuple[Any, ...]], ...]
+    collection: str | None = None
+    deep: bool = False
+    name_field: str | None = None
+    odata_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TemplateCheck:
+    """A create Graph refuses depending on another object: the read ``contract`` fetches it by
+    the backed-up object's ``id_from`` field, and a ``field`` equal to ``refused`` refuses."""
+
+    contract: str
+    id_from: str
+    field: str
+    refused: Any
+
+
+@dataclass(frozen=True)
+class WriteContract:
+    """How Graph writes one policy collection: create, update of the top-level fields, the
+    assign action, the writes of nested content, and what cannot be restored and why.
+
+    ``read_only`` fields are never sent (Graph sets them); ``create_only`` ones are sent on
+    create and Graph refuses a change of them later. ``create_inline`` maps nested content the
+    create body carries itself (backup key, body key); ``create_needs`` is inline content Graph
+    refuses a create without. A built-in object (the contract's BuiltinRule) is never created and
+    takes only the writes named in ``builtin_writes``; ``builtin_why`` says why in a skip.
+    ``backup_needs`` are paths (``list[]`` for each element) a backup must hold for a restore.
+    """
+
+    create: Write | None
+    update: Write | None
+    assign: Write | None = None
+    nested: tuple[Write, ...] = ()
+    read_only: tuple[str, ...] = ()
+    create_only: tuple[str, ...] = ()
+    create_inline: tuple[tuple[str, str], ...] = ()
+    create_needs: tuple[str, ...] = ()
+    create_requires: TemplateCheck | None = None
+    builtin_writes: tuple[str, ...] = ()
+    builtin_why: str = ""
+    backup_needs: tuple[str, ...] = ()
+    secrets: tuple[SecretRule, ...] = ()
+    throttle: Throttle = "intune_write"
+
+    @property
+    def all(self) -> tuple[Write, ...]:
+        return tuple(w for w in (self.create, self.update, self.assign, *self.nested) if w)
+
+
+@dataclass(frozen=True)
 class Contract:
     key: str
     path: str
     api_version: Literal["v1.0", "beta"] = "beta"
-    method: Literal["GET", "POST"] = "GET"
+    method: Method = "GET"
     select: tuple[str, ...] = ()
     expand: tuple[str, ...] = ()
     paging: Paging = "next_link"
@@ -83,8 +192,11 @@ class Contract:
     # True for policy collections that inventory and backups read.
     policy: bool = False
     # Which of Graph's throttling budgets the call spends (see THROTTLE_BUDGETS).
-    throttle: Literal["intune", "directory"] = "intune"
+    throttle: Throttle = "intune"
     parent: str | None = None
+    # A policy collection's writes (restore); a write contract's own write.
+    writes: WriteContract | None = None
+    write: Write | None = None
 
     @property
     def is_item_read(self) -> bool:
@@ -111,6 +223,16 @@ class Contract:
             query.append(f"$top={page}")
         return path + ("?" + "&".join(query) if query else "")
 
+    def write_path(self, item_id: str | None = None, sub_id: str | None = None) -> str:
+        """A write contract's request path (without version root) for an object and, where
+        the path names one, an element of its nested content."""
+        path = self.path
+        if "{id}" in path:
+            path = path.replace("{id}", _quote_id(item_id))
+        if "{sub_id}" in path:
+            path = path.replace("{sub_id}", _quote_id(sub_id))
+        return path
+
 
 # One path segment that names an item: never "." or "..", which would move up the path.
 ITEM_ID = r"(?!\.\.?(?:/|$))[A-Za-z0-9_.:-]+"
@@ -129,6 +251,9 @@ def _quote_id(item_id: str | None) -> str:
 # is a request or a $batch sub-request. Values: (burst capacity, refill per second).
 THROTTLE_BUDGETS: dict[str, tuple[float, float]] = {
     "intune": (1000.0, 1000.0 / 20.0),
+    # Intune's writes (POST, PUT, PATCH, DELETE) have a budget of their own: 100 per 20 s per app
+    # and tenant, 200 per tenant for all apps (Graph's service-specific throttling limits).
+    "intune_write": (100.0, 100.0 / 20.0),
     "directory": (3500.0, 3500.0 / 10.0),
 }
 
@@ -140,6 +265,12 @@ RBAC = "DeviceManagementRBAC.Read.All"
 DEVICES = "DeviceManagementManagedDevices.Read.All"
 POLICY = "Policy.Read.All"
 GROUPS = "GroupMember.Read.All"
+# Their ReadWrite variants, which writes need.
+CONFIG_RW = "DeviceManagementConfiguration.ReadWrite.All"
+SERVICE_RW = "DeviceManagementServiceConfig.ReadWrite.All"
+APPS_RW = "DeviceManagementApps.ReadWrite.All"
+RBAC_RW = "DeviceManagementRBAC.ReadWrite.All"
+DEVICES_RW = "DeviceManagementManagedDevices.ReadWrite.All"
 
 # Fields Graph changes on its own (versions, timestamps, OData bookkeeping).
 COMMON_VOLATILE = (
@@ -348,6 +479,17 @@ _contracts: list[Contract] = [
         "/deviceManagement/intents/{id}/assignments",
         (CONFIG,),
         "endpoint_security_intents",
+    ),
+    # The template an intent was made from: a restore reads it, because a deprecated template
+    # creates no intents. Templates are Microsoft's, the same in every tenant.
+    Contract(
+        key="endpoint_security_templates.item",
+        title="Endpoint security template",
+        path="/deviceManagement/templates/{id}",
+        select=("id", "displayName", "isDeprecated", "templateType", "templateSubtype"),
+        paging="none",
+        permissions=(CONFIG,),
+        modified_field=None,
     ),
     Contract(
         key="autopilot_profiles",
@@ -716,11 +858,480 @@ _contracts: list[Contract] = [
     ),
 ]
 
-CONTRACTS: dict[str, Contract] = {c.key: c for c in _contracts}
-if len(CONTRACTS) != len(_contracts):  # pragma: no cover - guards the literal above
+# --- Writes (restore) ------------------------------------------------------------------------
+# How Microsoft writes each policy collection, from Graph's Intune and identity API pages and what
+# peers do (IntuneCD's update modules, IntuneManagement's import, Microsoft365DSC). A success
+# status is IntuneCD's where it checks for a particular one, else Microsoft's page's.
+
+DM = "/deviceManagement"
+DAM = "/deviceAppManagement"
+# Fields Graph sets on every Intune object; a write never sends them.
+SERVER_SET = ("id", "createdDateTime", "lastModifiedDateTime", "version")
+# Creating or updating a conditional access policy takes three application permissions, not
+# one: Graph's create and update pages list Policy.Read.All, Policy.ReadWrite.ConditionalAccess
+# and Application.Read.All together (the update page flags a known permissions issue), and
+# IntuneManagement asks for the same three.
+CA_WRITE = ("Policy.ReadWrite.ConditionalAccess", "Policy.Read.All", "Application.Read.All")
+
+
+def _create(path: str, permissions: tuple[str, ...], status: int = 201) -> Write:
+    return Write("create", "POST", path, permissions, "create", status)
+
+
+def _update(path: str, permissions: tuple[str, ...], status: int) -> Write:
+    # PATCH changes only the top-level fields it names: nested content has writes of its own.
+    return Write("update", "PATCH", path + "/{id}", permissions, "patch", status)
+
+
+def _assign(
+    path: str, permissions: tuple[str, ...], status: int, key: str = "assignments"
+) -> Write:
+    # Intune's assign actions replace the object's whole assignment set with the one sent.
+    return Write(
+        "assign", "POST", path + "/{id}/assign", permissions, "set", status, "assignments", key
+    )
+
+
+def _target_apps(path: str) -> Write:
+    # The protected apps of an app protection or app configuration policy: POST .../targetApps
+    # replaces them (as IntuneManagement's import does after creating the policy).
+    return Write(
+        "targetApps", "POST", path + "/{id}/targetApps", (APPS_RW,), "set", 204, "apps", "apps"
+    )
+
+
+def _standard(
+    path: str,
+    permissions: tuple[str, ...],
+    *,
+    update_status: int,
+    assign_status: int | None = None,
+    assign_key: str = "assignments",
+    create_status: int = 201,
+    **kw: Any,
+) -> WriteContract:
+    """Create (POST to the collection), update (PATCH) and, with an assign status, the assign
+    action."""
+    return WriteContract(
+        create=_create(path, permissions, create_status),
+        update=_update(path, permissions, update_status),
+        assign=None
+        if assign_status is None
+        else _assign(path, permissions, assign_status, assign_key),
+        read_only=SERVER_SET + kw.pop("read_only", ()),
+        **kw,
+    )
+
+
+def _element_writes(
+    path: str, source: str, permissions: tuple[str, ...], noun: str, add: int = 201
+) -> tuple[Write, Write]:
+    """Nested content written element by element: a POST to it adds one, a PATCH of one
+    changes it."""
+    return (
+        Write(f"add{noun}", "POST", f"{path}/{{id}}/{source}", permissions, "append", add, source),
+        Write(
+            f"update{noun}",
+            "PATCH",
+            f"{path}/{{id}}/{source}/{{sub_id}}",
+            permissions,
+            "patch_element",
+            200,
+            source,
+        ),
+    )
+
+
+def _config(collection: str, assign_key: str = "assignments", **kw: Any) -> WriteContract:
+    """A device management collection whose PATCH and assign action answer 200."""
+    return _standard(
+        f"{DM}/{collection}",
+        (CONFIG_RW,),
+        update_status=200,
+        assign_status=200,
+        assign_key=assign_key,
+        **kw,
+    )
+
+
+def _app_protection(collection: str) -> WriteContract:
+    path = f"{DAM}/{collection}"
+    return _standard(
+        path,
+        (APPS_RW,),
+        update_status=204,
+        assign_status=204,
+        nested=(_target_apps(path),),
+        read_only=("isAssigned", "deployedAppCount"),
+    )
+
+
+_WRITES: dict[str, WriteContract] = {
+    "device_configurations": _standard(
+        f"{DM}/deviceConfigurations",
+        (CONFIG_RW,),
+        update_status=204,
+        assign_status=200,  # answers with the new assignment collection
+        secrets=(
+            # Encrypted OMA-URI values come back masked, flagged isEncrypted; only the function
+            # getOmaSettingPlainTextValue returns them in plain text, and backups hold none.
+            SecretRule(
+                "value", (("isEncrypted", (True,)),), collection="omaSettings", name_field="omaUri"
+            ),
+            # The pre-shared key of a personal Wi-Fi network is not given back in a form that
+            # could be written.
+            SecretRule(
+                "preSharedKey",
+                (("wifiSecurityType", ("wpaPersonal", "wpa2Personal", "wep")),),
+                name_field="ssid",
+                odata_types=(A + "windowsWifiConfiguration",),
+            ),
+        ),
+    ),
+    "compliance_policies": _standard(
+        f"{DM}/deviceCompliancePolicies",
+        (CONFIG_RW,),
+        update_status=204,
+        assign_status=200,
+        # Graph refuses a compliance policy without its scheduled actions (the block rule at
+        # least), so a create carries them; later they change only through
+        # scheduleActionsForRules, which replaces them.
+        create_inline=(("scheduledActionsForRule", "scheduledActionsForRule"),),
+        create_needs=("scheduledActionsForRule",),
+        nested=(
+            Write(
+                "scheduleActionsForRules",
+                "POST",
+                f"{DM}/deviceCompliancePolicies/{{id}}/scheduleActionsForRules",
+                (CONFIG_RW,),
+                "set",
+                200,  # Microsoft's page says 204; IntuneCD checks for 200
+                "scheduledActionsForRule",
+                "deviceComplianceScheduledActionForRules",
+            ),
+        ),
+    ),
+    "settings_catalog": _standard(
+        f"{DM}/configurationPolicies",
+        (CONFIG_RW,),
+        update_status=200,
+        assign_status=200,
+        create_inline=(("settings", "settings"),),
+        # PATCH changes only a policy's top-level fields; its settings are replaced by a PUT of
+        # the whole policy, as the Intune portal, IntuneCD (PUT, 204) and IntuneManagement do.
+        nested=(
+            Write(
+                "replace",
+                "PUT",
+                f"{DM}/configurationPolicies/{{id}}",
+                (CONFIG_RW,),
+                "replace",
+                204,
+                "settings",
+                "settings",
+            ),
+        ),
+        read_only=("settingCount", "isAssigned", "creationSource", "priorityMetaData"),
+        secrets=(
+            # Secret settings come back as an encryptedValueToken. The portal sends the token
+            # back unchanged within the same tenant, but a backup cannot know that the token
+            # still decrypts where it is written, so it is not written.
+            SecretRule(
+                "value",
+                (
+                    ("@odata.type", (A + "deviceManagementConfigurationSecretSettingValue",)),
+                    ("valueState", ("encryptedValueToken",)),
+                ),
+                collection="settings",
+                deep=True,
+                name_field="settingDefinitionId",
+            ),
+        ),
+    ),
+    "group_policy_configurations": _standard(
+        f"{DM}/groupPolicyConfigurations",
+        (CONFIG_RW,),
+        update_status=200,
+        assign_status=200,
+        # Definition values are written by updateDefinitionValues (added, updated, deletedIds),
+        # each naming its ADMX definition ("definition@odata.bind") and each presentation value
+        # its presentation ("presentation@odata.bind"); a backup without those references
+        # cannot be written back.
+        nested=(
+            Write(
+                "updateDefinitionValues",
+                "POST",
+                f"{DM}/groupPolicyConfigurations/{{id}}/updateDefinitionValues",
+                (CONFIG_RW,),
+                "delta",
+                204,
+                "definitionValues",
+                delta_keys=("added", "updated", "deletedIds"),
+            ),
+        ),
+        read_only=("policyConfigurationIngestionType",),
+        backup_needs=(
+            "definitionValues[].definition.id",
+            "definitionValues[].presentationValues[].presentation.id",
+        ),
+    ),
+    "endpoint_security_intents": WriteContract(
+        # An intent is created from its template (createInstance answers 200 with the intent),
+        # and a deprecated template can no longer create one: existing intents can still be
+        # edited, deleted ones cannot come back.
+        create=Write(
+            "create",
+            "POST",
+            f"{DM}/templates/{{id}}/createInstance",
+            (CONFIG_RW,),
+            "create",
+            200,
+            id_from="templateId",
+        ),
+        update=_update(f"{DM}/intents", (CONFIG_RW,), 200),
+        assign=_assign(f"{DM}/intents", (CONFIG_RW,), 204),
+        nested=(
+            # updateSettings changes the settings it is given (by definition) and keeps the rest.
+            Write(
+                "updateSettings",
+                "POST",
+                f"{DM}/intents/{{id}}/updateSettings",
+                (CONFIG_RW,),
+                "merge",
+                204,
+                "settings",
+                "settings",
+                match_field="definitionId",
+            ),
+        ),
+        create_inline=(("settings", "settingsDelta"),),
+        create_requires=TemplateCheck(
+            "endpoint_security_templates.item", "templateId", "isDeprecated", True
+        ),
+        read_only=(*SERVER_SET, "templateId", "isAssigned", "isMigratingToConfigurationPolicy"),
+    ),
+    "autopilot_profiles": WriteContract(
+        create=_create(f"{DM}/windowsAutopilotDeploymentProfiles", (SERVICE_RW,)),
+        update=_update(f"{DM}/windowsAutopilotDeploymentProfiles", (SERVICE_RW,), 200),
+        # An Autopilot profile's assign action takes device ids, not groups: its group
+        # assignments are created one per target and removed one by one (IntuneCD, 201).
+        assign=Write(
+            "assign",
+            "POST",
+            f"{DM}/windowsAutopilotDeploymentProfiles/{{id}}/assignments",
+            (SERVICE_RW,),
+            "append",
+            201,
+            "assignments",
+        ),
+        nested=(
+            Write(
+                "unassign",
+                "DELETE",
+                f"{DM}/windowsAutopilotDeploymentProfiles/{{id}}/assignments/{{sub_id}}",
+                (SERVICE_RW,),
+                "remove_element",
+                200,
+                "assignments",
+            ),
+        ),
+        read_only=SERVER_SET,
+        create_only=("managementServiceAppId",),
+    ),
+    "enrollment_configurations": _standard(
+        f"{DM}/deviceEnrollmentConfigurations",
+        (SERVICE_RW,),
+        update_status=200,
+        assign_status=200,
+        assign_key="enrollmentConfigurationAssignments",
+        # Priority is not patched: setPriority moves a configuration.
+        nested=(
+            Write(
+                "setPriority",
+                "POST",
+                f"{DM}/deviceEnrollmentConfigurations/{{id}}/setPriority",
+                (SERVICE_RW,),
+                "field",
+                200,
+                "priority",
+                "priority",
+            ),
+        ),
+        read_only=("priority",),
+        builtin_writes=("update",),
+        builtin_why="a default enrollment configuration keeps priority 0 and its all-users "
+        "assignment: it is updated, never created or assigned",
+    ),
+    "app_protection_ios": _app_protection("iosManagedAppProtections"),
+    "app_protection_android": _app_protection("androidManagedAppProtections"),
+    "app_protection_windows": _app_protection("windowsManagedAppProtections"),
+    "app_protection_mdm_wip": _standard(
+        f"{DAM}/mdmWindowsInformationProtectionPolicies",
+        (APPS_RW,),
+        update_status=204,
+        assign_status=204,
+        read_only=("isAssigned",),
+    ),
+    "managed_app_configurations": _standard(
+        f"{DAM}/targetedManagedAppConfigurations",
+        (APPS_RW,),
+        update_status=204,
+        assign_status=204,
+        nested=(_target_apps(f"{DAM}/targetedManagedAppConfigurations"),),
+        read_only=("isAssigned", "deployedAppCount"),
+    ),
+    "mobile_app_configurations": _standard(
+        f"{DAM}/mobileAppConfigurations", (APPS_RW,), update_status=204, assign_status=200
+    ),
+    "conditional_access_policies": WriteContract(
+        create=_create("/identity/conditionalAccess/policies", CA_WRITE),
+        update=_update("/identity/conditionalAccess/policies", CA_WRITE, 204),
+        # Graph leaves a new policy's modifiedDateTime null.
+        read_only=("id", "createdDateTime", "modifiedDateTime"),
+        throttle="directory",
+    ),
+    "assignment_filters": _standard(
+        f"{DM}/assignmentFilters",
+        (CONFIG_RW,),
+        update_status=200,
+        read_only=("payloads",),
+        create_only=("platform",),
+    ),
+    "scope_tags": _standard(
+        f"{DM}/roleScopeTags",
+        (RBAC_RW,),
+        update_status=200,
+        assign_status=200,
+        create_status=200,  # IntuneCD expects 200 from this create
+        read_only=("isBuiltIn",),
+        builtin_why="Intune's built-in Default scope tag cannot be changed",
+    ),
+    "role_definitions": _standard(
+        f"{DM}/roleDefinitions",
+        (RBAC_RW,),
+        update_status=200,
+        create_status=200,  # IntuneCD expects 200 from this create
+        nested=_element_writes(
+            f"{DM}/roleDefinitions", "roleAssignments", (RBAC_RW,), "RoleAssignment"
+        ),
+        read_only=("isBuiltIn", "isBuiltInRoleDefinition"),
+        builtin_writes=("addRoleAssignment", "updateRoleAssignment"),
+        builtin_why="a built-in Intune role cannot be changed, only assigned",
+    ),
+    "notification_templates": _standard(
+        f"{DM}/notificationMessageTemplates",
+        (SERVICE_RW,),
+        update_status=200,
+        create_status=200,  # IntuneCD expects 200 from this create
+        nested=_element_writes(
+            f"{DM}/notificationMessageTemplates",
+            "localizedNotificationMessages",
+            (SERVICE_RW,),
+            "LocalizedMessage",
+            add=200,  # IntuneCD checks for 200
+        ),
+        create_only=("defaultLocale",),
+    ),
+    "device_categories": _standard(f"{DM}/deviceCategories", (DEVICES_RW,), update_status=200),
+    "policy_sets": WriteContract(
+        create=_create(f"{DAM}/policySets", (CONFIG_RW,)),
+        update=_update(f"{DAM}/policySets", (CONFIG_RW,), 200),
+        # A policy set's items and assignments both change through its update action; its
+        # assignments key replaces the set's assignments.
+        assign=Write(
+            "assign",
+            "POST",
+            f"{DAM}/policySets/{{id}}/update",
+            (CONFIG_RW,),
+            "set",
+            204,
+            "assignments",
+            "assignments",
+        ),
+        nested=(
+            Write(
+                "updateItems",
+                "POST",
+                f"{DAM}/policySets/{{id}}/update",
+                (CONFIG_RW,),
+                "delta",
+                204,
+                "items",
+                delta_keys=(
+                    "addedPolicySetItems",
+                    "updatedPolicySetItems",
+                    "deletedPolicySetItems",
+                ),
+            ),
+        ),
+        create_inline=(("items", "items"),),
+        read_only=(*SERVER_SET, "status", "errorCode"),
+    ),
+    # Scripts: PATCH takes scriptContent (base64) like any other field; each assign action
+    # names its list after the script kind.
+    "powershell_scripts": _config("deviceManagementScripts", "deviceManagementScriptAssignments"),
+    "macos_shell_scripts": _config("deviceShellScripts", "deviceManagementScriptAssignments"),
+    "device_health_scripts": _config(
+        "deviceHealthScripts",
+        "deviceHealthScriptAssignments",  # each assignment carries its run schedule
+        read_only=("isGlobalScript", "highestAvailableVersion"),
+        builtin_writes=("assign",),
+        builtin_why="a remediation Microsoft publishes cannot be edited, only assigned",
+    ),
+    "compliance_scripts": _standard(
+        f"{DM}/deviceComplianceScripts", (CONFIG_RW,), update_status=200
+    ),
+    # Windows update profiles: what Graph computes from the update is not written.
+    "feature_update_profiles": _config(
+        "windowsFeatureUpdateProfiles",
+        read_only=("deployableContentDisplayName", "endOfSupportDate"),
+    ),
+    "quality_update_profiles": _config(
+        "windowsQualityUpdateProfiles",
+        read_only=("releaseDateDisplayName", "deployableContentDisplayName"),
+    ),
+    "driver_update_profiles": _config(
+        "windowsDriverUpdateProfiles",
+        read_only=("newUpdates", "deviceReporting", "inventorySyncStatus"),
+    ),
+}
+
+
+def _with_writes(contract: Contract) -> Contract:
+    return replace(contract, writes=_WRITES[contract.key]) if contract.key in _WRITES else contract
+
+
+def _write_contracts(policy: Contract) -> list[Contract]:
+    """One contract per write of a policy collection: what the GraphClient may send and the
+    simulator answers."""
+    assert policy.writes is not None
+    return [
+        Contract(
+            key=f"{policy.key}.{write.name}",
+            title=f"{policy.title}: {write.name}",
+            path=write.path,
+            api_version=policy.api_version,
+            method=write.method,
+            paging="none",
+            permissions=write.permissions,
+            modified_field=None,
+            throttle=policy.writes.throttle,
+            parent=policy.key,
+            write=write,
+        )
+        for write in policy.writes.all
+    ]
+
+
+_contracts = [_with_writes(c) for c in _contracts]
+_write_contract_list = [w for c in _contracts if c.writes for w in _write_contracts(c)]
+
+CONTRACTS: dict[str, Contract] = {c.key: c for c in (*_contracts, *_write_contract_list)}
+if len(CONTRACTS) != len(_contracts) + len(_write_contract_list):  # pragma: no cover
     raise RuntimeError("duplicate contract key in graph_contracts")
 
 POLICY_CONTRACTS: tuple[str, ...] = tuple(c.key for c in _contracts if c.policy)
+WRITE_CONTRACTS: tuple[str, ...] = tuple(c.key for c in _write_contract_list)
 BATCH_SIZE = 20
 
 
@@ -879,7 +1490,7 @@ def content_hash(contract: Contract, obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(stable_payload(contract, obj)).encode()).hexdigest()
 
 
-def granted(required: Iterable[str], roles: Iterable[str]) -> list[str]:
+def missing_permissions(required: Iterable[str], roles: Iterable[str]) -> list[str]:
     """The required permissions that ``roles`` does not grant (ReadWrite implies Read)."""
     have = set(roles)
     missing = []
@@ -891,27 +1502,128 @@ def granted(required: Iterable[str], roles: Iterable[str]) -> list[str]:
 
 
 def all_permissions() -> tuple[str, ...]:
+    """Every permission the reads need (what a read-only app registration is granted)."""
     return tuple(sorted({p for c in _contracts for p in c.permissions}))
+
+
+def write_permissions() -> tuple[str, ...]:
+    """Every permission the writes need (what a restore needs granted besides the reads)."""
+    return tuple(sorted({p for c in _write_contract_list for p in c.permissions}))
+
+
+# --- Restore rules over the write contracts --------------------------------------------------
+
+
+def _policy_writes(contract: Contract) -> WriteContract:
+    if contract.writes is None:
+        raise ValueError(f"{contract.key} is not a policy collection with writes")
+    return contract.writes
+
+
+def allowed_writes(contract: Contract, obj: Mapping[str, Any]) -> tuple[Write, ...]:
+    """The writes Graph takes for this object: all of its collection's, or for a built-in object
+    only those named in ``builtin_writes`` (a built-in object is never created)."""
+    writes = _policy_writes(contract)
+    if not is_builtin(contract, obj):
+        return writes.all
+    return tuple(w for w in writes.all if w.name in writes.builtin_writes)
+
+
+def _secret_names(value: Any, rule: SecretRule, name: str | None) -> Iterable[str]:
+    if isinstance(value, list):
+        for element in value if rule.deep else ():
+            yield from _secret_names(element, rule, name)
+        return
+    if not isinstance(value, Mapping):
+        return
+    if rule.name_field and value.get(rule.name_field):
+        name = str(value[rule.name_field])
+    if all(value.get(field) in allowed for field, allowed in rule.when):
+        yield f"{rule.field} of {name}" if name else rule.field
+    for nested in value.values() if rule.deep else ():
+        yield from _secret_names(nested, rule, name)
+
+
+def masked_secrets(contract: Contract, obj: Mapping[str, Any]) -> list[str]:
+    """The settings of ``obj`` whose secret values Graph returned masked, by name."""
+    found: list[str] = []
+    for rule in _policy_writes(contract).secrets:
+        if rule.odata_types and obj.get("@odata.type") not in rule.odata_types:
+            continue
+        roots = [obj] if rule.collection is None else list(obj.get(rule.collection) or ())
+        for root in roots:
+            found.extend(_secret_names(root, rule, None))
+    return found
+
+
+def _holds(value: Any, parts: list[str]) -> bool:
+    if not parts:
+        return value is not None
+    if not isinstance(value, Mapping):
+        return False
+    head, rest = parts[0], parts[1:]
+    if head.endswith("[]"):
+        elements = value.get(head[:-2]) or []
+        return isinstance(elements, list) and all(_holds(e, rest) for e in elements)
+    return _holds(value.get(head), rest)
+
+
+def missing_backup_refs(contract: Contract, obj: Mapping[str, Any]) -> list[str]:
+    """The ``backup_needs`` paths a backed-up object does not hold."""
+    return [p for p in _policy_writes(contract).backup_needs if not _holds(obj, p.split("."))]
+
+
+def restore_skip(contract: Contract, obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why a backed-up object cannot be restored at all — its reason code and a message — or
+    None. (A create from a deprecated template is refused too; that needs the template, read
+    live through the contract its ``create_requires`` names.)"""
+    writes = _policy_writes(contract)
+    if not allowed_writes(contract, obj):
+        return RESTORE_UNSUPPORTED, writes.builtin_why
+    secrets = masked_secrets(contract, obj)
+    if secrets:
+        return (
+            RESTORE_SECRET_UNAVAILABLE,
+            f"Graph returns the secret {', '.join(secrets)} masked, and a mask is never "
+            "written back",
+        )
+    missing = missing_backup_refs(contract, obj)
+    if missing:
+        return (
+            RESTORE_UNSUPPORTED,
+            f"the backup lacks {', '.join(missing)}, which Graph needs to write it back",
+        )
+    return None
 
 
 __all__ = [
     "BATCH_SIZE",
     "CONTRACTS",
     "POLICY_CONTRACTS",
+    "WRITE_CONTRACTS",
     "BuiltinRule",
     "Classified",
     "Contract",
     "Detail",
+    "SecretRule",
+    "TemplateCheck",
     "THROTTLE_BUDGETS",
     "TypeRule",
+    "Write",
+    "WriteContract",
     "all_permissions",
+    "allowed_writes",
     "canonical_json",
     "classify",
     "content_hash",
     "extract_assignments",
-    "granted",
     "is_builtin",
+    "masked_secrets",
+    "missing_backup_refs",
+    "missing_permissions",
     "object_modified",
     "object_name",
+    "restore_skip",
     "stable_payload",
+    "write_permissions",
 ]

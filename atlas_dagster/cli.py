@@ -489,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sim.add_parser("serve", help="serve the simulator on loopback")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--profile", default="small", choices=("small", "medium", "large", "xlarge"))
+    serve.add_argument(
+        "--profile", default="small", choices=("small", "standard", "medium", "large", "xlarge")
+    )
     serve.add_argument("--seed", type=int, default=1)
     serve.set_defaults(func=cmd_simulator_serve)
     return parser

@@ -40,7 +40,7 @@ DEFAULT_DATABASE_URL = "sqlite:///.atlas/atlas.db"
 DEFAULT_GRAPH_BASE_URL = "https://graph.microsoft.com"
 DEFAULT_LOGIN_BASE_URL = "https://login.microsoftonline.com"
 DEFAULT_WEBSERVER_URL = "http://127.0.0.1:3000"
-SimulatorProfile = Literal["small", "medium", "large", "xlarge"]
+SimulatorProfile = Literal["small", "standard", "medium", "large", "xlarge"]
 RefreshJob = Literal["inventory_sync_job", "directory_groups_sync_job"]
 
 DEMO_CONFIG_TEXT = """\

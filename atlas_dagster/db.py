@@ -84,12 +84,6 @@ def read_engine(config: AtlasConfig) -> Engine:
     return engine
 
 
-def forget_ready_engines() -> None:
-    with _lock:
-        _ready.clear()
-        _config_cache.clear()
-
-
 def engine_for(url: str) -> Engine:
     with _lock:
         engine = _engines.get(url)

@@ -19,6 +19,14 @@ DISPATCH_FAILED = "dispatch_failed"
 INTERNAL_ERROR = "internal_error"
 # A sync held deletions back (the mass-deletion guard); the rest was refreshed.
 MASS_DELETION_HELD = "mass_deletion_held"
+# Restores: why an item was not written, or why its outcome is not known.
+RESTORE_CONFLICT = "restore_conflict"
+RESTORE_GROUP_UNMAPPED = "restore_group_unmapped"
+RESTORE_REFERENCE_UNMAPPED = "restore_reference_unmapped"
+RESTORE_UNSUPPORTED = "restore_unsupported"
+RESTORE_PLAN_EXPIRED = "restore_plan_expired"
+RESTORE_OUTCOME_UNKNOWN = "restore_outcome_unknown"
+RESTORE_SECRET_UNAVAILABLE = "restore_secret_unavailable"
 
 REASON_CODES = frozenset(
     {
@@ -36,6 +44,13 @@ REASON_CODES = frozenset(
         DISPATCH_FAILED,
         INTERNAL_ERROR,
         MASS_DELETION_HELD,
+        RESTORE_CONFLICT,
+        RESTORE_GROUP_UNMAPPED,
+        RESTORE_REFERENCE_UNMAPPED,
+        RESTORE_UNSUPPORTED,
+        RESTORE_PLAN_EXPIRED,
+        RESTORE_OUTCOME_UNKNOWN,
+        RESTORE_SECRET_UNAVAILABLE,
     }
 )
 

@@ -46,8 +46,6 @@ class UTCDateTime(sa.TypeDecorator):
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-ACTIVE_STATUSES = ("queued", "running")
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

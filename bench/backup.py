@@ -5,10 +5,12 @@ units of the first backup against the minimum (list pages plus the per-item read
 return inline; target: at most 5 % over — the script exits 1 when it is over). A request unit
 is a request or a ``$batch`` sub-request. The second backup must store no new payload.
 
-    python bench/backup.py [--profile large] [--latency-ms 30] [--database-url postgresql://...]
+    python bench/backup.py [--profile large] [--latency-ms 30] [--throttle-every 50]
+                           [--database-url postgresql://...]
 
 ``--latency-ms`` delays every simulated Graph response (sign-in excepted), as a tenant across the
-network would.
+network would; ``--throttle-every N`` answers every Nth request or sub-request 429 with
+``Retry-After: 0.2`` (a throttling storm).
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def _shared_names(engine, set_id: int) -> dict:
     }
 
 
-def run(profile: str, database_url: str, latency_ms: float = 0.0) -> dict:
+def run(
+    profile: str, database_url: str, latency_ms: float = 0.0, throttle_every: int | None = None
+) -> dict:
     from atlas_dagster.config import parse_config
     from atlas_dagster.db import ready_engine
     from atlas_dagster.resources.graph import client_for
@@ -83,6 +87,7 @@ def run(profile: str, database_url: str, latency_ms: float = 0.0) -> dict:
     client = client_for(config.connection("bench"))
     client.token_claims()  # sign in outside the measurement
     sim.faults.latency_s = latency_ms / 1000
+    sim.faults.throttle_every = throttle_every
     schedule = store.find_schedule(engine, key="bench-nightly")
     assert schedule is not None
     first, first_wall = _backup(engine, client, schedule)
@@ -94,6 +99,7 @@ def run(profile: str, database_url: str, latency_ms: float = 0.0) -> dict:
         "profile": profile,
         "backend": engine.dialect.name,
         "latency_ms": latency_ms,
+        "throttle_every": throttle_every,
         "first": {**first, "wall_s": round(first_wall, 2)},
         "second_unchanged": {**second, "wall_s": round(second_wall, 2)},
         "request_units": units,
@@ -107,11 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", default="large")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="per simulated response")
+    parser.add_argument("--throttle-every", type=int, help="answer every Nth request 429")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        result = run(args.profile, url, args.latency_ms)
+        result = run(args.profile, url, args.latency_ms, args.throttle_every)
     print(json.dumps(result, indent=2))
     problems = []
     if result["overhead_pct"] > MAX_OVERHEAD_PCT:

@@ -4,11 +4,12 @@ Prints, per profile and backend: wall time, rows/s, Graph requests, request unit
 retries and peak RSS, for the groups sync (delta) and the inventory sync. Each scenario runs in its
 own process, so peak RSS is that scenario's alone; the simulator serves it from another process
 over loopback HTTP, as Graph would from across the network, so its work is not counted as ours.
-``--latency-ms`` delays each of its responses, as a tenant across the network would.
+``--latency-ms`` delays each of its responses, as a tenant across the network would;
+``--throttle-every N`` answers every Nth request or sub-request 429 with ``Retry-After: 0.2``.
 
     python bench/sync.py                                  # small, large, xlarge on both backends
     python bench/sync.py --profiles xlarge --backends postgres --only groups
-    python bench/sync.py --profiles medium --latency-ms 30
+    python bench/sync.py --profiles standard --only inventory --latency-ms 30 --throttle-every 50
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--only", default="all", choices=("all", "groups", "inventory"))
     parser.add_argument("--latency-ms", type=float, default=0.0, help="per simulated response")
+    parser.add_argument("--throttle-every", type=int, help="answer every Nth request 429")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,31 +124,33 @@ def main() -> None:
         print(json.dumps(scenario(*args.child[:2], args.only, args.child[2])))
         return
     if args.serve:
-        serve(args.serve, args.latency_ms)
+        serve(args.serve, args.latency_ms, args.throttle_every)
         return
     for profile in args.profiles.split(","):
-        with _simulator(profile, args.latency_ms) as served:
+        with _simulator(profile, args.latency_ms, args.throttle_every) as served:
             _profile(profile, served, args)
 
 
-def serve(profile: str, latency_ms: float) -> None:
+def serve(profile: str, latency_ms: float, throttle_every: int | None) -> None:
     """Runs in a child process: the simulated tenant on a free loopback port, each response
-    ``latency_ms`` late. Prints "url,tenant,client" once it listens; serves until stdin closes,
-    so it ends with the benchmark however that ends."""
+    ``latency_ms`` late, every ``throttle_every``th request throttled. Prints "url,tenant,client"
+    once it listens; serves until stdin closes, so it ends with the benchmark however that ends."""
     from atlas_dagster.simulator import GraphSimulator, SimulatedTenant
 
     sim = GraphSimulator(SimulatedTenant.generate(profile, 1))
     sim.faults.latency_s = latency_ms / 1000
+    sim.faults.throttle_every = throttle_every
     with sim.serve() as base_url:
         print(f"{base_url},{sim.tenant.tenant_id},{sim.tenant.client_id}", flush=True)
         sys.stdin.read()
 
 
 @contextlib.contextmanager
-def _simulator(profile: str, latency_ms: float):
+def _simulator(profile: str, latency_ms: float, throttle_every: int | None):
     """The `serve` child for ``profile``; yields "url,tenant,client"."""
+    throttle = ["--throttle-every", str(throttle_every)] if throttle_every else []
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", profile, "--latency-ms", str(latency_ms)],
+        [sys.executable, __file__, "--serve", profile, "--latency-ms", str(latency_ms), *throttle],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

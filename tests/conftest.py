@@ -6,13 +6,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from atlas_dagster import db
-from atlas_dagster.config import parse_config
-from atlas_dagster.db import forget_ready_engines
+from atlas_dagster.config import load_config, parse_config
 from atlas_dagster.ledger.store import OperationLedger
 from atlas_dagster.simulator import (
     GraphSimulator,
@@ -104,7 +104,10 @@ def _dispose(url: str) -> None:
     engine = db._engines.pop(url, None)
     if engine is not None:
         engine.dispose()
-    forget_ready_engines()
+    # A later test may reuse the URL and an equal config: its database must be readied again.
+    with db._lock:
+        db._ready.clear()
+        db._config_cache.clear()
 
 
 def write_config(path: Path, database_url: str, extra: str = "") -> Path:
@@ -137,6 +140,33 @@ def contoso_sim() -> Iterator[GraphSimulator]:
     install_simulator("contoso", sim)
     yield sim
     uninstall_simulator("contoso")
+
+
+@pytest.fixture
+def contoso_env(tmp_path, database_url, monkeypatch, contoso_sim) -> Iterator[dict[str, Any]]:
+    """The simulated contoso tenant with its config (also as ATLAS_CONFIG), its ready database,
+    the definitions, and a Dagster instance that has its partition."""
+    # Dagster and the definitions load only for the tests that run jobs.
+    import dagster as dg
+
+    from atlas_dagster.connections import ensure_partitions
+    from atlas_dagster.definitions import build_definitions
+
+    cfg = write_config(tmp_path / "atlas.yaml", database_url)
+    monkeypatch.setenv("ATLAS_CONFIG", str(cfg))
+    config = load_config(cfg)
+    engine = db.ready_engine(config)
+    with dg.instance_for_test() as instance:
+        ensure_partitions(instance, ["contoso"])
+        yield {
+            "cfg": cfg,
+            "config": config,
+            "defs": build_definitions(config),
+            "instance": instance,
+            "engine": engine,
+            "sim": contoso_sim,
+            "tenant": contoso_sim.tenant,
+        }
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,8 @@ worker killed with SIGKILL stops its work and writes nothing after its ledger ro
 tenant's next run waits until it has, and ``--in-process`` starts of one tenant never take away
 another tenant's partition while the daemon runs that tenant.
 
-Connections: ``slow`` is a simulated tenant served over loopback by this test, slowed so that an
-inventory sync takes well over 20 s; ``a`` and ``b`` are small in-process simulated tenants.
+Connections: ``slow`` is a simulated tenant served over loopback by this test, slowed, and held
+mid-sync (it stops answering once the sync has written rows) until its worker has been killed; ``a`` and ``b`` are small in-process simulated tenants.
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ def test_a_killed_worker_writes_nothing_more_and_in_process_starts_keep_other_pa
     write_instance(home, dagster_url)
     sim = GraphSimulator(SimulatedTenant.generate("small", 31))
     sim.faults.latency_s = 0.5
+    # Once the sync has written its first rows the tenant stops answering until the test lets
+    # it: the run is mid-sync when its worker is killed, however fast reads have become.
+    passing = threading.Event()
+    passing.set()
+    answer = sim.handle
+    sim.handle = lambda request: (passing.wait(300), answer(request))[1]
     monkeypatch.setenv("E2E_SLOW_SECRET", DEFAULT_SECRET)
     engine = sa.create_engine(db.sqlalchemy_url(app_url))
     ledger = OperationLedger(engine)
@@ -120,14 +126,20 @@ def test_a_killed_worker_writes_nothing_more_and_in_process_starts_keep_other_pa
                 lambda: _worker_pid(instance, busy["dagster_run_id"]),
                 timeout=90,
             )
+
+            def mid_sync() -> bool:
+                if ledger.get(busy["id"]).status != "running":
+                    return False
+                if _latest_write(engine, slow_id) is None:
+                    return False
+                passing.clear()
+                return True
+
             group.wait_until(
                 "the busy run to hold the tenant and write inventory rows",
-                lambda: (
-                    ledger.get(busy["id"]).status == "running"
-                    and _latest_write(engine, slow_id) is not None
-                ),
+                mid_sync,
                 timeout=120,
-                interval=0.1,
+                interval=0.05,
             )
             follower = _cli_start(group, "provider_connection.verify", "slow")
             os.kill(worker, signal.SIGKILL)
@@ -144,6 +156,7 @@ def test_a_killed_worker_writes_nothing_more_and_in_process_starts_keep_other_pa
             )
             assert crashed.outcome == "failed" and "run_crashed" in _reasons(crashed)
             assert freed_after <= 30
+            passing.set()  # the tenant answers again: its next run may read
 
             # --- In-process starts of "a" while the daemon runs "b" -------------------------
             missing: list[float] = []

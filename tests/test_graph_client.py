@@ -142,6 +142,13 @@ def make(graph: Handler, **kw) -> tuple[GraphClient, FakeTenant, Sleeps]:
     return client, tenant, sleeps
 
 
+def get_item(client: GraphClient, contract_key: str, item_id: str) -> dict:
+    """One item read alone, through the client's request path (the product reads items only
+    in $batch)."""
+    contract = client._contract(contract_key)
+    return client._request(contract, client._url(contract, contract.relative_url(item_id)))
+
+
 def routes(*steps: Handler | httpx.Response) -> Handler:
     """A handler answering the Graph requests in order (the last answer repeats)."""
     answers = list(steps)
@@ -219,7 +226,7 @@ def test_unknown_contract_is_refused():
 
 def test_get_reads_one_item_and_probe_sends_one_minimal_request():
     client, tenant, _ = make(routes(httpx.Response(200, json={"id": "p1", "name": "x"})))
-    assert client.get("policy_sets.item", item_id="p1")["id"] == "p1"
+    assert get_item(client, "policy_sets.item", "p1")["id"] == "p1"
     client.probe("settings_catalog")
     probe = urlsplit(str(tenant.graph_requests()[-1].url))
     assert probe.path == "/beta/deviceManagement/configurationPolicies"
@@ -455,7 +462,7 @@ def test_404_is_not_found_with_request_ids():
     missing = graph_error(404, "ResourceNotFound", "Resource not found", {"request-id": "rq-9"})
     client, tenant, _ = make(routes(missing))
     with pytest.raises(GraphError) as err:
-        client.get("powershell_scripts.item", item_id="abc")
+        get_item(client, "powershell_scripts.item", "abc")
     assert err.value.reason_code == reasons.PROVIDER_NOT_FOUND
     assert err.value.request_id == "rq-9"
     assert err.value.client_request_id == tenant.graph_requests()[0].headers["client-request-id"]

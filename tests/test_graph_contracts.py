@@ -16,7 +16,7 @@ from graph_contracts import (
     classify,
     content_hash,
     extract_assignments,
-    granted,
+    missing_permissions,
     stable_payload,
 )
 
@@ -1070,19 +1070,19 @@ def test_an_object_without_assignments_has_no_rows():
 def test_readwrite_grants_read_but_read_does_not_grant_readwrite():
     config_read = "DeviceManagementConfiguration.Read.All"
     config_write = "DeviceManagementConfiguration.ReadWrite.All"
-    assert granted([config_read], [config_write]) == []
-    assert granted([config_read], [config_read]) == []
-    assert granted([config_write], [config_read]) == [config_write]
+    assert missing_permissions([config_read], [config_write]) == []
+    assert missing_permissions([config_read], [config_read]) == []
+    assert missing_permissions([config_write], [config_read]) == [config_write]
 
 
-def test_granted_lists_every_missing_permission_in_order():
+def test_missing_permissions_lists_every_missing_one_in_order():
     required = [
         "DeviceManagementConfiguration.Read.All",
         "DeviceManagementApps.Read.All",
         "DeviceManagementRBAC.Read.All",
     ]
     roles = ["DeviceManagementApps.ReadWrite.All", "Group.Read.All"]
-    assert granted(required, roles) == [
+    assert missing_permissions(required, roles) == [
         "DeviceManagementConfiguration.Read.All",
         "DeviceManagementRBAC.Read.All",
     ]

@@ -3,7 +3,6 @@ reversible escape, names are stored readable, and an object that cannot be store
 
 import json
 
-import dagster as dg
 import pytest
 import sqlalchemy as sa
 from hypothesis import given
@@ -12,16 +11,11 @@ from hypothesis import strategies as st
 from atlas_dagster import analytics, db, schema
 from atlas_dagster.assets.directory_groups import run_groups_sync
 from atlas_dagster.assets.inventory import run_inventory_sync, sync_contract
-from atlas_dagster.config import load_config
-from atlas_dagster.connections import ensure_partitions
-from atlas_dagster.db import ready_engine
-from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.start import start_operation
 from atlas_dagster.resources.graph import client_for
 from atlas_dagster.stores import backup_diff, backup_export, bulk
 from atlas_dagster.stores import backups as store
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, content_hash
-from tests.conftest import write_config
 
 NUL, SYMBOL = "\x00", "\u2400"
 
@@ -77,22 +71,8 @@ def test_row_problem_names_a_nul_in_a_key_and_a_value_too_long_for_its_column():
 
 
 @pytest.fixture(name="env")
-def env_fixture(tmp_path, database_url, monkeypatch, contoso_sim):
-    """The simulated contoso tenant, its config and database, and a Dagster instance."""
-    cfg = write_config(tmp_path / "atlas.yaml", database_url)
-    monkeypatch.setenv("ATLAS_CONFIG", str(cfg))
-    config = load_config(cfg)
-    engine = ready_engine(config)
-    with dg.instance_for_test() as instance:
-        ensure_partitions(instance, ["contoso"])
-        yield {
-            "config": config,
-            "defs": build_definitions(config),
-            "instance": instance,
-            "engine": engine,
-            "sim": contoso_sim,
-            "tenant": contoso_sim.tenant,
-        }
+def env_fixture(contoso_env):
+    return contoso_env
 
 
 def _start(env, run_type, **kw):

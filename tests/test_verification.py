@@ -7,15 +7,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import dagster as dg
 import pytest
 
 from atlas_dagster.assets.verification import VERIFIED_CONTRACTS
-from atlas_dagster.connections import ensure_partitions
-from atlas_dagster.definitions import build_definitions
 from atlas_dagster.ledger.start import start_operation
 from atlas_dagster.ledger.store import OperationLedger
-from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.simulator import FaultPlan
 from atlas_dagster.stores.checks import latest_checks
 from graph_contracts import CONTRACTS
@@ -25,21 +21,8 @@ APPS = "DeviceManagementApps.Read.All"
 
 
 @pytest.fixture
-def env(tmp_path, database_url, contoso_sim):
-    cfg = write_config(tmp_path / "atlas.yaml", database_url)
-    database = DatabaseResource(config_path=str(cfg))
-    config = database.config()
-    sim = contoso_sim
-    with dg.instance_for_test() as instance:
-        ensure_partitions(instance, ["contoso"])
-        yield {
-            "config": config,
-            "defs": build_definitions(config),
-            "instance": instance,
-            "sim": sim,
-            "engine": database.engine(),
-            "cfg": cfg,
-        }
+def env(contoso_env):
+    return contoso_env
 
 
 def _start_verify(env):

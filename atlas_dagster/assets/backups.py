@@ -9,6 +9,7 @@ other types over, so every set is a whole snapshot of its schedule.
 """
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +18,7 @@ import dagster as dg
 from sqlalchemy.engine import Engine
 
 from atlas_dagster.assets.common import (
+    Log,
     connection_for_run,
     graph_counts,
     int_metadata,
@@ -25,6 +27,7 @@ from atlas_dagster.assets.common import (
 from atlas_dagster.config import AtlasConfig, BackupSchedule
 from atlas_dagster.connections import ensure_partitions, provider_connection_partitions
 from atlas_dagster.db import connection_ids
+from atlas_dagster.graph import GraphClient
 from atlas_dagster.ledger.job import OperationHandle, operation_scope
 from atlas_dagster.ledger.run_types import RUN_TYPES, TAG_BACKUP_SCHEDULE, StartRequest, Trigger
 from atlas_dagster.ledger.store import OperationLedger, OperationRun
@@ -136,12 +139,13 @@ class BackupSummary:
 
 
 def read_type(
-    client: Any, contract_key: str, groups: dict, filters: dict
+    objects: Iterable[dict[str, Any]], contract_key: str, groups: dict, filters: dict
 ) -> list[store.ItemRecord]:
-    """Every policy of one type, complete, as records (first sight wins for a repeated id)."""
+    """Every policy of one type (``objects``, its complete read), as records (first sight wins
+    for a repeated id)."""
     contract = CONTRACTS[contract_key]
     records: dict[str, store.ItemRecord] = {}
-    for obj in client.read_policies(contract_key):
+    for obj in objects:
         if obj.get("id") is None:
             raise GraphError(
                 PROVIDER_BAD_RESPONSE,
@@ -155,12 +159,12 @@ def read_type(
 
 def run_backup(
     engine: Engine,
-    client: Any,
+    client: GraphClient,
     plan: BackupPlan,
     set_id: int,
     handle: OperationHandle | None,
     *,
-    log: Any = None,
+    log: Log | None = None,
 ) -> BackupSummary:
     """Fill backup set ``set_id`` as planned and finish it. A type's items are stored only once
     the whole type was read, so a set never holds half a type."""
@@ -171,29 +175,32 @@ def run_backup(
     failures: list[dict[str, Any]] = []
     carried = 0
     try:
-        groups, filters = store.cached_names(engine, conn_id)
-        if plan.carry_from is not None:
-            carried = store.carry_items(engine, plan.carry_from, set_id, plan.carry_types)
-        for key in plan.read_types:
-            result = TypeResult(key)
-            results.append(result)
-            try:
-                result.stored = store.store_items(
-                    engine, set_id, read_type(client, key, groups, filters)
-                )
-            except GraphError as exc:
-                record_denied(engine, conn_id, exc, handle.id if handle else None)
-                if exc.reason_code in FATAL_FOR_ALL_TYPES:
-                    raise
-                result.error = exc
-                failures.append(failure(exc.reason_code, exc.message, key))
-                if handle is not None:
-                    handle.fail(exc.reason_code, exc.message, key)
-            if log is not None:
-                log.info(
-                    f"{key}: {result.stored.items} items, {result.stored.new_payloads} new "
-                    "payloads" + (f" ({result.error.reason_code})" if result.error else "")
-                )
+        # The types are read side by side while the set is prepared, and stored here, in order.
+        with client.policy_reads(plan.read_types) as reads:
+            groups, filters = store.cached_names(engine, conn_id)
+            if plan.carry_from is not None:
+                carried = store.carry_items(engine, plan.carry_from, set_id, plan.carry_types)
+            for read in reads:
+                key = read.contract_key
+                result = TypeResult(key)
+                results.append(result)
+                try:
+                    result.stored = store.store_items(
+                        engine, set_id, read_type(read.replay(), key, groups, filters)
+                    )
+                except GraphError as exc:
+                    record_denied(engine, conn_id, exc, handle.id if handle else None)
+                    if exc.reason_code in FATAL_FOR_ALL_TYPES:
+                        raise
+                    result.error = exc
+                    failures.append(failure(exc.reason_code, exc.message, key))
+                    if handle is not None:
+                        handle.fail(exc.reason_code, exc.message, key)
+                if log is not None:
+                    log.info(
+                        f"{key}: {result.stored.items} items, {result.stored.new_payloads} new "
+                        "payloads" + (f" ({result.error.reason_code})" if result.error else "")
+                    )
     except BaseException as exc:
         # Cancelling a run raises a BaseException: the set is finished as failed all the same.
         failures.append(failure_of(exc))

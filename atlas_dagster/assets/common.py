@@ -1,8 +1,9 @@
-"""Helpers the tenant assets share: the run's connection, metadata rendering, freshness."""
+"""Helpers the tenant assets share: the run's connection, the log a sync reports to, metadata
+rendering, freshness."""
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import dagster as dg
 import sqlalchemy as sa
@@ -15,6 +16,12 @@ from atlas_dagster.stores.cache import latest_refresh
 
 # A daily refresh that ran a little late is still fresh.
 FRESHNESS_WINDOW = timedelta(hours=26)
+
+
+class Log(Protocol):
+    """Where a sync reports each step: the asset's ``context.log``, or a ``logging.Logger``."""
+
+    def info(self, msg: str, /) -> object: ...
 
 
 def connection_for_run(database: DatabaseResource, key: str) -> tuple[ProviderConnection, int]:

@@ -7,15 +7,17 @@ a sync completes, so a failed sync is simply repeated.
 """
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Protocol
 
 import dagster as dg
 from sqlalchemy.engine import Engine
 
 from atlas_dagster import schema
 from atlas_dagster.assets.common import (
+    Log,
     connection_for_run,
     freshness_result,
     graph_counts,
@@ -23,6 +25,7 @@ from atlas_dagster.assets.common import (
     markdown_table,
 )
 from atlas_dagster.connections import provider_connection_partitions
+from atlas_dagster.graph import DeltaPage, GraphStats
 from atlas_dagster.ledger.job import OperationHandle, operation_scope
 from atlas_dagster.reasons import DeltaExpired, GraphError
 from atlas_dagster.resources.database import DatabaseResource
@@ -41,6 +44,15 @@ from atlas_dagster.stores.groups import (
 DELTA_LINK_LIFETIME = timedelta(days=7)
 
 
+class DeltaReader(Protocol):
+    """What a groups sync needs of its Graph client: delta rounds, and the traffic counters
+    its result reports."""
+
+    stats: GraphStats
+
+    def delta(self, contract_key: str, delta_link: str | None) -> Iterator[DeltaPage]: ...
+
+
 @dataclass
 class GroupsResult:
     mode: str  # "full", "incremental", "resync"
@@ -53,7 +65,9 @@ class GroupsResult:
     graph: dict[str, int] | None = None
 
 
-def _read(engine: Engine, client: Any, conn_id: int, link: str | None, mode: str) -> GroupsResult:
+def _read(
+    engine: Engine, client: DeltaReader, conn_id: int, link: str | None, mode: str
+) -> GroupsResult:
     now = schema.utcnow()
     result = GroupsResult(mode)
     final_link = None
@@ -80,7 +94,9 @@ def _read(engine: Engine, client: Any, conn_id: int, link: str | None, mode: str
     return result
 
 
-def run_groups_sync(engine: Engine, client: Any, conn_id: int, log: Any = None) -> GroupsResult:
+def run_groups_sync(
+    engine: Engine, client: DeltaReader, conn_id: int, log: Log | None = None
+) -> GroupsResult:
     started = time.monotonic()
     before = client.stats.as_dict()
     stored = stored_delta_link(engine, conn_id)

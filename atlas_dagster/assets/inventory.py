@@ -1,9 +1,11 @@
 """The ``inventory`` asset: every policy type of the registry, with assignments, per tenant.
 
-Reading is streamed per contract; writing is bulk. A listing that did not complete (an error, a
-403, a truncated page) deletes nothing for its type. A listing can also end early without an
-error, so what a complete listing did not return is deleted only once a second listing agrees
-it is gone: its pages alone (no per-item reads), and only for a type that lost something.
+The contracts are read side by side (``GraphClient.policy_reads``) and written one after another,
+in bulk, in contract order, from the asset's own thread. A listing that did not complete (an
+error, a 403, a truncated page) deletes nothing for its type. A listing can also end early
+without an error, so what a complete listing did not return is deleted only once a second
+listing agrees it is gone: its pages alone (no per-item reads), and only for a type that lost
+something.
 
 The mass-deletion guard: when the confirmed deletions of a type reach the configured share of it
 (and at least ``MASS_DELETION_MIN_ITEMS``), they are held back, recorded in the run's context as
@@ -27,6 +29,7 @@ from sqlalchemy.engine import Engine
 
 from atlas_dagster import schema
 from atlas_dagster.assets.common import (
+    Log,
     connection_for_run,
     freshness_result,
     graph_counts,
@@ -35,6 +38,7 @@ from atlas_dagster.assets.common import (
     table_metadata,
 )
 from atlas_dagster.connections import provider_connection_partitions
+from atlas_dagster.graph import GraphClient
 from atlas_dagster.ledger.job import OperationHandle, operation_scope
 from atlas_dagster.ledger.run_types import Outcome
 from atlas_dagster.ledger.store import OperationLedger, OperationRun
@@ -121,7 +125,7 @@ def sync_contract(
     return _apply_deletions(writer, threshold, gone, accepted)
 
 
-def listed_ids(client: Any, contract_key: str) -> set[str]:
+def listed_ids(client: GraphClient, contract_key: str) -> set[str]:
     """The ids of one plain listing of a contract (its pages only: no per-item reads)."""
     return {
         str(obj["id"])
@@ -207,14 +211,14 @@ class InventorySummary:
 
 def run_inventory_sync(
     engine: Engine,
-    client: Any,
+    client: GraphClient,
     conn_id: int,
     handle: OperationHandle | None,
     *,
     contract_keys: Iterable[str] = POLICY_CONTRACTS,
     threshold: float = 0.5,
     accepted: Mapping[str, Collection[str]] | None = None,
-    log: Any = None,
+    log: Log | None = None,
 ) -> InventorySummary:
     """Sync every contract; one failing contract never stops the others (unless the failure
     is one no contract can escape, such as sign-in). ``accepted``: deletions (contract key →
@@ -222,34 +226,36 @@ def run_inventory_sync(
     started = time.monotonic()
     before = client.stats.as_dict()
     results: list[ContractResult] = []
-    for key in contract_keys:
-        contract = CONTRACTS[key]
-        result = sync_contract(
-            engine,
-            conn_id,
-            contract,
-            client.read_policies(key),
-            threshold=threshold,
-            listed_again=partial(listed_ids, client, key),
-            accepted=frozenset((accepted or {}).get(key, ())),
-        )
-        results.append(result)
-        if log is not None:
-            log.info(
-                f"{key}: {result.seen} items, +{len(result.created)} ~{len(result.updated)} "
-                f"-{len(result.deleted)}"
-                + (f", {len(result.held_back)} deletions held" if result.held_back else "")
-                + (f" ({result.error.reason_code})" if result.error else "")
+    # The contracts are read side by side; each is written here, in order, once it is read.
+    with client.policy_reads(contract_keys) as reads:
+        for read in reads:
+            key = read.contract_key
+            result = sync_contract(
+                engine,
+                conn_id,
+                CONTRACTS[key],
+                read.replay(),
+                threshold=threshold,
+                listed_again=partial(listed_ids, client, key),
+                accepted=frozenset((accepted or {}).get(key, ())),
             )
-        if handle is not None:
-            for message in object_failures(result):
-                handle.fail(PROVIDER_BAD_RESPONSE, message, key)
-        if result.error is not None:
-            record_denied(engine, conn_id, result.error, handle.id if handle else None)
-            if result.error.reason_code in FATAL_FOR_ALL_TYPES:
-                raise result.error
+            results.append(result)
+            if log is not None:
+                log.info(
+                    f"{key}: {result.seen} items, +{len(result.created)} ~{len(result.updated)} "
+                    f"-{len(result.deleted)}"
+                    + (f", {len(result.held_back)} deletions held" if result.held_back else "")
+                    + (f" ({result.error.reason_code})" if result.error else "")
+                )
             if handle is not None:
-                handle.fail(result.error.reason_code, str(result.error), key)
+                for message in object_failures(result):
+                    handle.fail(PROVIDER_BAD_RESPONSE, message, key)
+            if result.error is not None:
+                record_denied(engine, conn_id, result.error, handle.id if handle else None)
+                if result.error.reason_code in FATAL_FOR_ALL_TYPES:
+                    raise result.error
+                if handle is not None:
+                    handle.fail(result.error.reason_code, str(result.error), key)
     graph = client.stats.since(before)
     summary = InventorySummary(results, time.monotonic() - started, graph)
     if handle is not None:

@@ -13,6 +13,7 @@ import dagster as dg
 
 from atlas_dagster.assets.common import connection_for_run, int_metadata, table_metadata
 from atlas_dagster.connections import provider_connection_partitions
+from atlas_dagster.graph import GraphClient
 from atlas_dagster.ledger.job import operation_scope
 from atlas_dagster.ledger.run_types import Outcome
 from atlas_dagster.reasons import (
@@ -26,7 +27,7 @@ from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.stores.checks import MISSING_PERMISSION, PROBE_FAILED, READY, record_checks
-from graph_contracts import CONTRACTS, POLICY_CONTRACTS, granted
+from graph_contracts import CONTRACTS, POLICY_CONTRACTS, missing_permissions
 
 VERIFIED_CONTRACTS: tuple[str, ...] = (*POLICY_CONTRACTS, "groups_delta")
 
@@ -65,7 +66,7 @@ class Verification:
 
 
 def verify_connection(
-    client: Any, contract_keys: tuple[str, ...] = VERIFIED_CONTRACTS
+    client: GraphClient, contract_keys: tuple[str, ...] = VERIFIED_CONTRACTS
 ) -> Verification:
     try:
         claims = client.token_claims()
@@ -88,7 +89,7 @@ def verify_connection(
     roles = sorted(str(r) for r in claims.get("roles") or [])
     result = Verification(signed_in=True, roles=roles)
     for key in contract_keys:
-        missing = granted(CONTRACTS[key].permissions, roles)
+        missing = missing_permissions(CONTRACTS[key].permissions, roles)
         if missing:
             result.checks.append(
                 {

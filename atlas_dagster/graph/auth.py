@@ -189,6 +189,9 @@ class SignIn:
         self._msal_http = MsalHttpClient(self._http, connection.login_base_url)
         self._app: msal.ConfidentialClientApplication | None = None
         self._lock = threading.Lock()
+        # A client's first requests go out from several threads at once: one asks Entra, the
+        # others wait and find the token in the cache.
+        self._token_lock = threading.Lock()
 
     def _application(self) -> msal.ConfidentialClientApplication:
         # Building the app runs OIDC discovery (network), so it waits until a token is needed.
@@ -203,12 +206,13 @@ class SignIn:
         tenant_id = self.connection.tenant_id
         try:
             app = self._application()
-            if force:
-                # acquire_token_for_client would hand back its cached token; Graph rejected it.
-                cache = app.token_cache
-                for entry in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
-                    cache.remove_at(entry)
-            result = app.acquire_token_for_client(scopes=[scope])
+            with self._token_lock:
+                if force:
+                    # acquire_token_for_client would hand back its cached token; Graph rejected it.
+                    cache = app.token_cache
+                    for entry in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
+                        cache.remove_at(entry)
+                result = app.acquire_token_for_client(scopes=[scope])
         except httpx.HTTPError as exc:
             raise GraphError(
                 reasons.PROVIDER_UNAVAILABLE,

@@ -6,6 +6,11 @@ whose path matches no contract or whose host is not the configured Graph host (s
 never leaves that host). It pages (``@odata.nextLink``, delta rounds), batches per-item reads with
 ``$batch`` and maps failures to the ledger's reason codes; signing in is :mod:`.auth`'s, pacing
 and retrying :mod:`.transport`'s.
+
+Reads run on several threads at once: the policy contracts of one sync or backup side by side
+(:meth:`GraphClient.policy_reads`), and the ``$batch`` requests of one page's per-item reads. A
+client never has more than ``concurrency`` requests in flight, and each of them still waits for
+the tenant's token bucket, so the budget, not the thread count, sets the pace.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +36,7 @@ from atlas_dagster.config import ProviderConnection
 from atlas_dagster.graph.auth import EntraAuth, SignIn, decode_jwt_payload, sign_in_for, sign_out
 from atlas_dagster.graph.errors import response_error
 from atlas_dagster.graph.transport import (
+    CONCURRENCY,
     RETRY_STATUSES,
     GraphStats,
     Ids,
@@ -36,16 +45,21 @@ from atlas_dagster.graph.transport import (
     bucket_for,
     http_client,
 )
-from atlas_dagster.reasons import GraphError
+from atlas_dagster.reasons import FATAL_FOR_ALL_TYPES, GraphError
 from graph_contracts import BATCH_SIZE, CONTRACTS, Contract
 
 log = logging.getLogger("atlas_dagster.graph")
+# Policy contracts read ahead of the caller that writes them, per request the client may have in
+# flight: enough that a slow contract (a settings catalog paging its settings) never idles the
+# others, few enough that a large tenant is not held in memory all at once.
+READ_AHEAD = 2
 
 
 def path_pattern(contract: Contract) -> re.Pattern[str]:
-    """The request path (after the version root) a contract allows; ``{id}`` is one segment,
-    never "." or "..". Graph writes delta functions both as ``/delta`` and ``/delta()``."""
-    parts = [re.escape(p) for p in contract.path.split("{id}")]
+    """The request path (after the version root) a contract allows; ``{id}`` (and a write's
+    ``{sub_id}``) is one segment, never "." or "..". Graph writes delta functions both as
+    ``/delta`` and ``/delta()``."""
+    parts = [re.escape(p) for p in re.split(r"\{(?:id|sub_id)\}", contract.path)]
     body = r"(?!\.\.?(?:/|$))[^/]+".join(parts)
     if contract.paging == "delta":
         body += r"(?:\(\))?"
@@ -97,9 +111,15 @@ class GraphClient:
         rng: random.Random | None = None,
         timeout: float = 30.0,
         bucket: TokenBucket | None = None,
+        concurrency: int = CONCURRENCY,
     ):
+        if concurrency < 1:
+            raise ValueError("a GraphClient needs a concurrency of at least 1")
         self.connection = connection
         self.stats = GraphStats()
+        self.concurrency = concurrency
+        self._in_flight = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
         self._transport = transport
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -117,14 +137,16 @@ class GraphClient:
     # -- plumbing ------------------------------------------------------------------------
 
     def _http(self) -> httpx.Client:
-        if self._client is None:
-            self._client = http_client(self._transport, self._timeout)
-        return self._client
+        with self._lock:
+            if self._client is None:
+                self._client = http_client(self._transport, self._timeout)
+            return self._client
 
     def _signed_in(self) -> SignIn:
-        if self._sign_in is None:
-            self._sign_in = sign_in_for(self.connection, self._transport, self._timeout)
-        return self._sign_in
+        with self._lock:
+            if self._sign_in is None:
+                self._sign_in = sign_in_for(self.connection, self._transport, self._timeout)
+            return self._sign_in
 
     def close(self) -> None:
         """Close this client's connections and the connection's sign-in; a later request opens
@@ -139,7 +161,7 @@ class GraphClient:
     def _token(self, *, force: bool = False) -> str:
         token, issued = self._signed_in().token(self._scope, force=force)
         if issued:
-            self.stats.token_requests += 1
+            self.stats.count(token_requests=1)
         return token
 
     def token_claims(self) -> dict[str, Any]:
@@ -201,9 +223,9 @@ class GraphClient:
 
     def _pace(self, contract: Contract, units: int) -> None:
         bucket = self._bucket or bucket_for(self._tenant_key, contract.throttle)
-        wait = bucket.reserve(units)
-        if wait > 0:
-            self._sleep(wait)
+        delay = bucket.reserve(units)
+        if delay > 0:
+            self._sleep(delay)
 
     @staticmethod
     def _headers(contract: Contract) -> dict[str, str]:
@@ -219,8 +241,7 @@ class GraphClient:
 
     def _answered(self, contract: Contract, units: int, response: httpx.Response) -> Ids:
         """Count and log one response; its request ids."""
-        self.stats.requests += 1
-        self.stats.request_units += units
+        self.stats.count(requests=1, request_units=units)
         ids = {
             "request_id": response.headers.get("request-id"),
             "client_request_id": response.request.headers.get("client-request-id"),
@@ -245,7 +266,7 @@ class GraphClient:
         def before_resend(request: httpx.Request, refused: httpx.Response) -> None:
             # Sending again after a refused token is one more attempt, paced like the others.
             self._answered(contract, units, refused)
-            self.stats.retries += 1
+            self.stats.count(retries=1)
             budget.attempts += 1
             self._pace(contract, units)
             request.headers["client-request-id"] = str(uuid.uuid4())
@@ -253,15 +274,8 @@ class GraphClient:
         auth = EntraAuth(self._token, before_resend)
         while True:
             budget.attempts += 1
-            self._pace(contract, units)
-            http = self._http()
-            request = http.build_request(
-                contract.method, url, headers=self._headers(contract), json=body
-            )
             try:
-                response = http.send(request, auth=auth)
-                # Read the body now so that a truncated stream fails here, inside the retry.
-                response.read()
+                response = self._send(contract, url, body, units, auth)
             except httpx.TransportError as exc:
                 # The request that failed: after a refused token, the resent one.
                 client_request_id = exc.request.headers.get("client-request-id")
@@ -272,8 +286,7 @@ class GraphClient:
                     type(exc).__name__,
                     client_request_id,
                 )
-                self.stats.requests += 1
-                self.stats.request_units += units
+                self.stats.count(requests=1, request_units=units)
                 self._sleep(budget.broken_wait(type(exc).__name__, client_request_id))
                 continue
             ids = self._answered(contract, units, response)
@@ -289,6 +302,22 @@ class GraphClient:
                 self._sleep(budget.malformed_wait(status, ids))
                 continue
             return data
+
+    def _send(
+        self, contract: Contract, url: str, body: Any, units: int, auth: EntraAuth
+    ) -> httpx.Response:
+        """One attempt: paced, and one of the client's ``concurrency`` requests in flight until
+        its body is read (waits between attempts hold no place)."""
+        with self._in_flight:
+            self._pace(contract, units)
+            http = self._http()
+            request = http.build_request(
+                contract.method, url, headers=self._headers(contract), json=body
+            )
+            response = http.send(request, auth=auth)
+            # Read the body now so that a truncated stream fails here, inside the retry.
+            response.read()
+            return response
 
     # -- public reads ----------------------------------------------------------------------
 
@@ -313,12 +342,8 @@ class GraphClient:
                 f"{contract.key}: {where}a page without a 'value' list",
                 contract_key=contract.key,
             )
-        self.stats.pages += 1
+        self.stats.count(pages=1)
         return value
-
-    def get(self, contract_key: str, *, item_id: str | None = None) -> dict[str, Any]:
-        contract = self._contract(contract_key)
-        return self._request(contract, self._url(contract, contract.relative_url(item_id)))
 
     def probe(self, contract_key: str) -> None:
         """One minimal request confirming the app may read this contract."""
@@ -360,56 +385,72 @@ class GraphClient:
             yield DeltaPage(items, removed, None if url is not None else new_link)
 
     def read_details(
-        self, contract_key: str, ids: Iterable[str]
+        self, contract_key: str, ids: Iterable[str], *, lanes: int = 1
     ) -> Iterator[tuple[str, list[dict[str, Any]] | dict[str, Any]]]:
         """Per-item reads through ``$batch``; yields ``(id, result)`` as each item completes.
 
         A collection contract yields every page's objects as one list (following each
         sub-response's nextLink); an item contract yields the object. Throttled or unavailable
         sub-requests go into a later batch; an item that finally fails raises GraphError.
+
+        Up to ``lanes`` batches are in flight at once, each sent as soon as a lane is free with
+        what is queued (one lane: every batch takes up what the one before left to do).
         """
         contract = self._contract(contract_key)
         if not contract.is_item_read:
             raise ValueError(f"{contract_key} is not a per-item contract")
         collection = contract.paging != "none"
-        batch_contract = CONTRACTS["batch"]
-        batch_url = f"{self._base_url}/{contract.api_version}/$batch"
         fresh = iter(ids)
         queue: deque[_Pending] = deque()
         exhausted = False
-        while True:
-            while len(queue) < BATCH_SIZE and not exhausted:
-                item_id = next(fresh, None)
-                if item_id is None:
-                    exhausted = True
-                    break
-                queue.append(
-                    _Pending(item_id, contract.relative_url(item_id), self._budget(contract))
-                )
-            if not queue:
-                return
-            chunk = [queue.popleft() for _ in range(min(BATCH_SIZE, len(queue)))]
-            wait = max(p.delay for p in chunk)
-            if wait > 0:
-                self._sleep(wait)
-            for p in chunk:
-                self._check_relative(contract, p.url)
-            requests = [
-                {"id": str(n), "method": "GET", "url": p.url} for n, p in enumerate(chunk, 1)
-            ]
-            data = self._request(
-                batch_contract_for(batch_contract, contract),
-                batch_url,
-                body={"requests": requests},
-                units=len(chunk),
-            )
-            responses = {str(r.get("id")): r for r in data.get("responses") or []}
-            for n, pending in enumerate(chunk, 1):
-                done = self._settle(contract, pending, responses.get(str(n)), collection)
-                if done is None:
-                    queue.append(pending)
-                else:
-                    yield pending.item_id, done
+        in_flight: dict[Future[dict[str, Any]], list[_Pending]] = {}
+        with ThreadPoolExecutor(lanes, thread_name_prefix="graph-batch") as pool:
+            while True:
+                while len(in_flight) < lanes:
+                    while len(queue) < BATCH_SIZE and not exhausted:
+                        item_id = next(fresh, None)
+                        if item_id is None:
+                            exhausted = True
+                            break
+                        queue.append(
+                            _Pending(
+                                item_id, contract.relative_url(item_id), self._budget(contract)
+                            )
+                        )
+                    if not queue:
+                        break
+                    chunk = [queue.popleft() for _ in range(min(BATCH_SIZE, len(queue)))]
+                    for p in chunk:
+                        self._check_relative(contract, p.url)
+                    in_flight[pool.submit(self._send_batch, contract, chunk)] = chunk
+                if not in_flight:
+                    return
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                # In the order sent, so that one lane settles exactly as a sequential read would.
+                for future in [f for f in in_flight if f in finished]:
+                    chunk = in_flight.pop(future)
+                    responses = future.result()
+                    for n, pending in enumerate(chunk, 1):
+                        done = self._settle(contract, pending, responses.get(str(n)), collection)
+                        if done is None:
+                            queue.append(pending)
+                        else:
+                            yield pending.item_id, done
+
+    def _send_batch(self, contract: Contract, chunk: list[_Pending]) -> dict[str, dict[str, Any]]:
+        """One ``$batch`` request of ``chunk``'s reads, after the longest wait any of them was
+        asked for; its sub-responses by id."""
+        delay = max(p.delay for p in chunk)
+        if delay > 0:
+            self._sleep(delay)
+        requests = [{"id": str(n), "method": "GET", "url": p.url} for n, p in enumerate(chunk, 1)]
+        data = self._request(
+            batch_contract_for(CONTRACTS["batch"], contract),
+            f"{self._base_url}/{contract.api_version}/$batch",
+            body={"requests": requests},
+            units=len(chunk),
+        )
+        return {str(r.get("id")): r for r in data.get("responses") or []}
 
     def _budget(self, contract: Contract) -> RetryBudget:
         return RetryBudget(contract.key, self.stats, self._rng)
@@ -467,7 +508,8 @@ class GraphClient:
             by_id = {str(obj["id"]): obj for obj in page if obj.get("id") is not None}
             for read in contract.per_item_reads:
                 try:
-                    for item_id, result in self.read_details(read.contract, list(by_id)):
+                    reads = self.read_details(read.contract, list(by_id), lanes=self.concurrency)
+                    for item_id, result in reads:
                         obj = by_id[item_id]
                         if read.mode == "merge" and isinstance(result, dict):
                             obj.update({k: v for k, v in result.items() if k != "@odata.context"})
@@ -483,3 +525,88 @@ class GraphClient:
                         client_request_id=exc.client_request_id,
                     ) from exc
             yield from page
+
+    def policy_reads(self, contract_keys: Iterable[str]) -> PolicyReads:
+        """Every one of these policy contracts read completely (:meth:`read_policies`), up to
+        ``concurrency`` of them at once, handed over in the order asked for."""
+        return PolicyReads(self, contract_keys, ahead=READ_AHEAD * self.concurrency)
+
+
+@dataclass
+class PolicyRead:
+    """One policy contract as far as its read got: the objects in the order Graph listed them,
+    and the error that ended the read early, if one did."""
+
+    contract_key: str
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    error: GraphError | None = None
+
+    def replay(self) -> Iterator[dict[str, Any]]:
+        """The objects as :meth:`GraphClient.read_policies` yielded them, then its error."""
+        yield from self.objects
+        if self.error is not None:
+            raise self.error
+
+
+class PolicyReads:
+    """Policy contracts read side by side on the client's threads, for one caller that takes
+    them in order (and writes them from its own thread):
+
+        with client.policy_reads(keys) as reads:
+            for read in reads:
+                ...
+
+    At most ``ahead`` contracts are read or held that the caller has not taken yet, so a slow
+    writer holds a bounded part of the tenant in memory. A contract's GraphError ends only its
+    own read, unless no contract can escape it (sign-in, consent): then every read not yet
+    started ends with that error too, without a request. Leaving the block cancels the reads not
+    started and stops the running ones after their current page."""
+
+    def __init__(self, client: GraphClient, contract_keys: Iterable[str], ahead: int):
+        self._client = client
+        self._keys = deque(contract_keys)
+        self._ahead = ahead
+        self._stopped = threading.Event()
+        self._fatal: GraphError | None = None
+        self._pool = ThreadPoolExecutor(client.concurrency, thread_name_prefix="graph-read")
+        self._pending: deque[Future[PolicyRead]] = deque()
+
+    def __enter__(self) -> PolicyReads:
+        self._submit()
+        return self
+
+    def __iter__(self) -> Iterator[PolicyRead]:
+        while self._pending:
+            # Dropped once handed over: the caller holds one contract's objects at a time.
+            read = self._pending.popleft().result()
+            self._submit()
+            yield read
+
+    def _submit(self) -> None:
+        while self._keys and len(self._pending) < self._ahead:
+            self._pending.append(self._pool.submit(self._read, self._keys.popleft()))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stopped.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, contract_key: str) -> PolicyRead:
+        read = PolicyRead(contract_key)
+        if self._fatal is not None:
+            read.error = self._fatal
+            return read
+        try:
+            for obj in self._client.read_policies(contract_key):
+                if self._stopped.is_set():
+                    break
+                read.objects.append(obj)
+        except GraphError as exc:
+            read.error = exc
+            if exc.reason_code in FATAL_FOR_ALL_TYPES:
+                self._fatal = exc
+        return read

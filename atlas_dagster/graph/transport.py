@@ -2,6 +2,8 @@
 the per-tenant token bucket that paces it, and the retry budget that decides whether and after
 how long a failed attempt is sent again (429/502/503/504 after their ``Retry-After``, timeouts,
 broken connections and malformed bodies after a jittered backoff), counted in :class:`GraphStats`.
+A client's requests may be sent from several threads at once (at most ``CONCURRENCY``): the
+bucket and the counters take locks.
 
 The client plugs a transport of its own (a test's ``httpx.MockTransport``, the simulator's) in
 under these layers; without one, httpx's network transport is used.
@@ -15,7 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import httpx
 
@@ -33,11 +35,16 @@ BACKOFF_CAP = 30.0
 # The default budget (Intune: 1000 requests per 20 s per tenant); the burst equals the limit so a
 # tenant needing fewer requests than that is never slowed down.
 BUCKET_CAPACITY, BUCKET_REFILL_PER_SECOND = THROTTLE_BUDGETS["intune"]
+# Requests one client has in flight at once. A ~500-policy tenant takes ~45 round trips, most of
+# them independent: eight hide a distant tenant's latency, and are few enough that a full read
+# is spread over its budget rather than sent all at once (the bucket still paces every one).
+CONCURRENCY = 8
 
 
 @dataclass
 class GraphStats:
-    """Counters for one GraphClient.
+    """Counters for one GraphClient, counted through :meth:`count` (the client's threads share
+    them).
 
     ``requests`` counts HTTP requests sent to Graph (a ``$batch`` envelope is one);
     ``request_units`` counts what Graph's limits count: plain requests plus ``$batch``
@@ -52,12 +59,21 @@ class GraphStats:
     pages: int = 0
     token_requests: int = 0
 
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def count(self, **added: int) -> None:
+        with self._lock:
+            for name, n in added.items():
+                setattr(self, name, getattr(self, name) + n)
+
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def since(self, before: dict[str, int]) -> dict[str, int]:
         """What was counted after ``before`` (an earlier ``as_dict()``)."""
-        return {k: v - before.get(k, 0) for k, v in self.__dict__.items()}
+        return {k: v - before.get(k, 0) for k, v in self.as_dict().items()}
 
 
 # --- Retries ----------------------------------------------------------------------------------
@@ -106,7 +122,7 @@ class RetryBudget:
         self._rng = rng
 
     def _retry(self) -> float:
-        self._stats.retries += 1
+        self._stats.count(retries=1)
         return backoff_seconds(self.attempts, self._rng)
 
     def status_wait(self, status: int, retry_after: str | None, failing: str, ids: Ids) -> float:
@@ -120,9 +136,7 @@ class RetryBudget:
                 status=status or None,
                 **ids,
             )
-        self._stats.retries += 1
-        if status == 429:
-            self._stats.throttled_retries += 1
+        self._stats.count(retries=1, throttled_retries=int(status == 429))
         delay = retry_after_seconds(retry_after)
         return delay if delay is not None else backoff_seconds(self.attempts, self._rng)
 

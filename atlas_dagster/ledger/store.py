@@ -138,9 +138,9 @@ class OperationLedger:
 
     # --- Reads ---------------------------------------------------------------------------
 
-    def get(self, run_id: int) -> OperationRun | None:
+    def get(self, row_id: int) -> OperationRun | None:
         with self.engine.connect() as conn:
-            r = conn.execute(sa.select(self.t).where(self.t.c.id == run_id)).first()
+            r = conn.execute(sa.select(self.t).where(self.t.c.id == row_id)).first()
         return _row(r) if r else None
 
     def find_by_dagster_run(self, dagster_run_id: str) -> OperationRun | None:
@@ -175,28 +175,16 @@ class OperationLedger:
 
     # --- Starts --------------------------------------------------------------------------
 
-    def open(
-        self,
-        request: StartRequest,
-        *,
-        dagster_run_id: str | None = None,
-        created_at: datetime | None = None,
-        identity: str | None = None,
-        executor: Mapping[str, Any] | None = None,
-        executor_token: str | None = None,
-    ) -> Started:
-        """The typed start every start surface uses: the row of ``request`` (see ``start``)."""
+    def open(self, request: StartRequest, **options: Any) -> Started:
+        """The typed start every start surface uses: the row of ``request``; ``options`` are
+        ``start``'s (run id, creation time, identity override, executor)."""
         return self.start(
             request.run_type.name,
             provider_connection_id=request.connection_id,
             trigger_source=request.trigger,
             initiator=request.initiator,
             context=request.context(),
-            dagster_run_id=dagster_run_id,
-            created_at=created_at,
-            identity=identity,
-            executor=executor,
-            executor_token=executor_token,
+            **options,
         )
 
     def start(
@@ -299,44 +287,44 @@ class OperationLedger:
         """The active row holding a deterministic identity, if any."""
         return self._holder(None, conn_id, digest)
 
-    def take_identity(self, run_id: int, digest: str) -> bool:
+    def take_identity(self, row_id: int, digest: str) -> bool:
         """Give an active row the identity ``digest``; False when another active row holds it."""
         try:
-            return self._update(run_id, self.t.c.status.in_(ACTIVE), run_identity_hash=digest)
+            return self._update(row_id, self.t.c.status.in_(ACTIVE), run_identity_hash=digest)
         except IntegrityError:
             return False
 
     # --- Transitions (each moves forward only) ---------------------------------------------
 
-    def attach_dagster_run(self, run_id: int, dagster_run_id: str) -> bool:
+    def attach_dagster_run(self, row_id: int, dagster_run_id: str) -> bool:
         return self._update(
-            run_id,
+            row_id,
             (self.t.c.dagster_run_id.is_(None) | (self.t.c.dagster_run_id == dagster_run_id)),
             dagster_run_id=dagster_run_id,
         )
 
-    def take_executor(self, run_id: int, executor: Mapping[str, Any], token: str) -> bool:
+    def take_executor(self, row_id: int, executor: Mapping[str, Any], token: str) -> bool:
         """Record where an active row's work runs, with a fresh fencing token and heartbeat."""
         return self._update(
-            run_id,
+            row_id,
             self.t.c.status.in_(ACTIVE),
             executor=dict(executor),
             executor_token=token,
             heartbeat_at=schema.utcnow(),
         )
 
-    def heartbeat(self, run_id: int, token: str) -> bool:
+    def heartbeat(self, row_id: int, token: str) -> bool:
         """False once the row is no longer active under ``token``: the work has lost its row."""
         now = schema.utcnow()
         return self._update(
-            run_id,
+            row_id,
             self.t.c.status.in_(ACTIVE) & (self.t.c.executor_token == token),
             heartbeat_at=now,
             updated_at=now,
         )
 
     def take_slot(
-        self, run_id: int, token: str, *, dagster_run_id: str | None = None
+        self, row_id: int, token: str, *, dagster_run_id: str | None = None
     ) -> OperationRun | None:
         """Mark the row running, if its tenant has no other running row: the runs of one tenant
         are serialised whichever way they were launched (the Dagster queue limits only the runs
@@ -348,7 +336,7 @@ class OperationLedger:
         now = schema.utcnow()
         with self.engine.begin() as conn:
             own = conn.execute(
-                sa.select(t.c.provider_connection_id).where(t.c.id == run_id)
+                sa.select(t.c.provider_connection_id).where(t.c.id == row_id)
             ).first()
             conn_id = own.provider_connection_id if own else None
             if conn_id is not None:
@@ -358,7 +346,7 @@ class OperationLedger:
                     .where(
                         t.c.provider_connection_id == conn_id,
                         t.c.status == Status.RUNNING,
-                        t.c.id != run_id,
+                        t.c.id != row_id,
                     )
                     .order_by(t.c.id)
                 ).first()
@@ -375,24 +363,24 @@ class OperationLedger:
             result = conn.execute(
                 t.update()
                 .where(
-                    t.c.id == run_id,
+                    t.c.id == row_id,
                     t.c.status.in_(ACTIVE),
                     t.c.executor_token == token,
                 )
                 .values(**values)
             )
             if result.rowcount != 1:
-                raise FencedOut(f"operation run #{run_id} is no longer active under this run")
+                raise FencedOut(f"operation run #{row_id} is no longer active under this run")
         return None
 
-    def fence(self, conn: sa.Connection, run_id: int, token: str) -> None:
+    def fence(self, conn: sa.Connection, row_id: int, token: str) -> None:
         """Inside a write transaction: let it commit only while the row runs under ``token``.
         The update also locks the row until the transaction ends, so a completion (by the
         reconciler, say) waits for an in-flight write and every later write sees it."""
         result = conn.execute(
             self.t.update()
             .where(
-                self.t.c.id == run_id,
+                self.t.c.id == row_id,
                 self.t.c.status == Status.RUNNING,
                 self.t.c.executor_token == token,
             )
@@ -400,13 +388,13 @@ class OperationLedger:
         )
         if result.rowcount != 1:
             raise FencedOut(
-                f"operation run #{run_id} is no longer running under this execution; "
+                f"operation run #{row_id} is no longer running under this execution; "
                 "its work may not write any more"
             )
 
     def record_progress(
         self,
-        run_id: int,
+        row_id: int,
         *,
         summary_counts: Mapping[str, Any] | None = None,
         failures: Iterable[Mapping[str, Any]] = (),
@@ -418,7 +406,7 @@ class OperationLedger:
         with self.engine.begin() as conn:
             r = conn.execute(
                 sa.select(self.t.c.summary_counts, self.t.c.failure_summary, self.t.c.context)
-                .where(self.t.c.id == run_id, self._owned(token))
+                .where(self.t.c.id == row_id, self._owned(token))
                 .with_for_update()
             ).first()
             if r is None:
@@ -431,12 +419,12 @@ class OperationLedger:
                 values["failure_summary"] = list(r.failure_summary or []) + new_failures
             if context:
                 values["context"] = {**(r.context or {}), **context}
-            conn.execute(self.t.update().where(self.t.c.id == run_id).values(**values))
+            conn.execute(self.t.update().where(self.t.c.id == row_id).values(**values))
         return True
 
     def complete(
         self,
-        run_id: int,
+        row_id: int,
         outcome: str,
         *,
         failures: Iterable[Mapping[str, Any]] = (),
@@ -451,7 +439,7 @@ class OperationLedger:
         with self.engine.begin() as conn:
             r = conn.execute(
                 sa.select(self.t.c.failure_summary)
-                .where(self.t.c.id == run_id, self._owned(token))
+                .where(self.t.c.id == row_id, self._owned(token))
                 .with_for_update()
             ).first()
             if r is None:
@@ -466,12 +454,12 @@ class OperationLedger:
                 "failure_summary": list(r.failure_summary or []) + [dict(f) for f in failures],
             }
             result = conn.execute(
-                self.t.update().where(self.t.c.id == run_id, self._owned(token)).values(**values)
+                self.t.update().where(self.t.c.id == row_id, self._owned(token)).values(**values)
             )
         return result.rowcount == 1
 
-    def fail_dispatch(self, run_id: int, message: str) -> bool:
-        return self.complete(run_id, Outcome.FAILED, failures=[failure(DISPATCH_FAILED, message)])
+    def fail_dispatch(self, row_id: int, message: str) -> bool:
+        return self.complete(row_id, Outcome.FAILED, failures=[failure(DISPATCH_FAILED, message)])
 
     def expire_undispatched(self, grace: timedelta, *, now: datetime | None = None) -> list[int]:
         """Queued rows that never got a Dagster run within ``grace`` are failed dispatches."""
@@ -493,10 +481,10 @@ class OperationLedger:
         active = self.t.c.status.in_(ACTIVE)
         return active if token is None else active & (self.t.c.executor_token == token)
 
-    def _update(self, run_id: int, condition: Any, **values: Any) -> bool:
+    def _update(self, row_id: int, condition: Any, **values: Any) -> bool:
         values.setdefault("updated_at", schema.utcnow())
         with self.engine.begin() as conn:
             result = conn.execute(
-                self.t.update().where(self.t.c.id == run_id, condition).values(**values)
+                self.t.update().where(self.t.c.id == row_id, condition).values(**values)
             )
         return result.rowcount == 1

@@ -10,11 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # "no_next_link": the page is served without its @odata.nextLink, so the listing ends early
-# without an error (a one-shot only).
-FAULT_KINDS = frozenset({"429", "503", "timeout", "malformed", "401", "410", "no_next_link"})
+# without an error (a one-shot only). "drop_response": a write is applied and its response lost
+# (the client sees a timeout, or the gateway's 504 in a $batch), so it cannot tell whether its
+# create happened (a one-shot only, hitting writes alone).
+FAULT_KINDS = frozenset(
+    {"429", "503", "timeout", "malformed", "401", "410", "no_next_link", "drop_response"}
+)
 # Kinds a $batch sub-request can carry: its envelope is one JSON document, so a sub-response
 # cannot be cut short, and a timeout shows as the gateway's 504.
-SUB_REQUEST_KINDS = frozenset({"429", "503", "timeout", "401", "410"})
+SUB_REQUEST_KINDS = frozenset({"429", "503", "timeout", "401", "410", "drop_response"})
+WRITE_ONLY_KINDS = frozenset({"drop_response"})
 
 
 @dataclass
@@ -62,9 +67,12 @@ class FaultPlan:
     def pending_one_shots(self) -> int:
         return sum(s.remaining for s in self._one_shots)
 
-    def decide(self, target: str, *, sub_request: bool = False) -> str | None:
-        """The fault kind for the next request to ``target`` (path and query), or None."""
+    def decide(self, target: str, *, sub_request: bool = False, write: bool = False) -> str | None:
+        """The fault kind for the next request to ``target`` (path and query), or None;
+        ``write`` says the request writes (POST, PATCH, PUT or DELETE, not a $batch)."""
         allowed = SUB_REQUEST_KINDS if sub_request else FAULT_KINDS
+        if not write:
+            allowed = allowed - WRITE_ONLY_KINDS
         for shot in self._one_shots:
             if shot.remaining > 0 and shot.kind in allowed and shot.path_substring in target:
                 shot.remaining -= 1

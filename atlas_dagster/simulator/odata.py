@@ -16,6 +16,7 @@ NAVIGATION = frozenset(
         "definitionValues",
         "definition",
         "presentationValues",
+        "presentation",
         "scheduledActionsForRule",
         "scheduledActionConfigurations",
         "apps",

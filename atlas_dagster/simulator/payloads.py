@@ -264,6 +264,24 @@ _SETTING_DEFINITIONS = (
 )
 
 
+def setting_definition(definition: str) -> dict[str, Any]:
+    """A settings catalog definition: Microsoft's, the same in every tenant, so it follows from
+    its id alone (a written setting is returned with it, as Graph expands it)."""
+    return {
+        "@odata.type": G + "deviceManagementConfigurationChoiceSettingDefinition",
+        "id": definition,
+        "name": definition.rsplit("_", 2)[-2],
+        "displayName": definition.replace("_", " ").title(),
+        "baseUri": "./Device/Vendor/MSFT/Policy",
+        "offsetUri": "/Config/" + definition.rsplit("_", 2)[-2],
+        "version": "1",
+        "options": [
+            {"itemId": f"{definition}_0", "displayName": "Disabled", "optionValue": None},
+            {"itemId": f"{definition}_1", "displayName": "Enabled", "optionValue": None},
+        ],
+    }
+
+
 def catalog_setting(r: random.Random, n: int) -> dict[str, Any]:
     definition = f"{r.choice(_SETTING_DEFINITIONS)}_{n}"
     return {
@@ -279,21 +297,7 @@ def catalog_setting(r: random.Random, n: int) -> dict[str, Any]:
                 "children": [],
             },
         },
-        "settingDefinitions": [
-            {
-                "@odata.type": G + "deviceManagementConfigurationChoiceSettingDefinition",
-                "id": definition,
-                "name": definition.rsplit("_", 2)[-2],
-                "displayName": definition.replace("_", " ").title(),
-                "baseUri": "./Device/Vendor/MSFT/Policy",
-                "offsetUri": "/Config/" + definition.rsplit("_", 2)[-2],
-                "version": "1",
-                "options": [
-                    {"itemId": f"{definition}_0", "displayName": "Disabled", "optionValue": None},
-                    {"itemId": f"{definition}_1", "displayName": "Enabled", "optionValue": None},
-                ],
-            }
-        ],
+        "settingDefinitions": [setting_definition(definition)],
     }
 
 
@@ -325,6 +329,11 @@ def settings_catalog(ctx: Ctx, setting_range: tuple[int, int]) -> dict[str, Any]
     return obj
 
 
+# Microsoft's ADMX catalogue is global: every definition the simulator generates, in any tenant,
+# can be bound by a write in every simulated tenant.
+ADMX_DEFINITIONS: dict[str, dict[str, Any]] = {}
+
+
 def group_policy_configuration(ctx: Ctx) -> dict[str, Any]:
     r = ctx.rng
     obj = _base(ctx, "groupPolicyConfiguration", policy_name(ctx, "Administrative template"))
@@ -332,22 +341,24 @@ def group_policy_configuration(ctx: Ctx) -> dict[str, Any]:
     values = []
     for n in range(r.randrange(1, 6)):
         definition_id = guid(r)
+        definition = {
+            "id": definition_id,
+            "displayName": f"Administrative setting {n}",
+            "classType": r.choice(("machine", "user")),
+            "categoryPath": r.choice(
+                ("\\Windows Components\\OneDrive", "\\Microsoft Edge", "\\System\\Logon")
+            ),
+            "explainText": "Explains the setting.",
+            "supportedOn": "At least Windows 10",
+        }
+        ADMX_DEFINITIONS[definition_id] = definition
         values.append(
             {
                 "id": guid(r),
                 **ctx.dates(),
                 "enabled": r.random() < 0.8,
                 "configurationType": "policy",
-                "definition": {
-                    "id": definition_id,
-                    "displayName": f"Administrative setting {n}",
-                    "classType": r.choice(("machine", "user")),
-                    "categoryPath": r.choice(
-                        ("\\Windows Components\\OneDrive", "\\Microsoft Edge", "\\System\\Logon")
-                    ),
-                    "explainText": "Explains the setting.",
-                    "supportedOn": "At least Windows 10",
-                },
+                "definition": dict(definition),
                 "presentationValues": [
                     {
                         "@odata.type": G + "groupPolicyPresentationValueText",
@@ -362,6 +373,29 @@ def group_policy_configuration(ctx: Ctx) -> dict[str, Any]:
         )
     obj["definitionValues"] = values
     return obj
+
+
+# The endpoint security templates intents are made from (Microsoft's, the same in every tenant).
+# The old BitLocker template is deprecated: it no longer creates intents.
+TEMPLATES: dict[str, dict[str, Any]] = {
+    template_id: {
+        "@odata.type": G + "deviceManagementTemplate",
+        "id": template_id,
+        "displayName": name,
+        "isDeprecated": deprecated,
+        "templateType": "securityTemplate",
+        "templateSubtype": subtype,
+    }
+    for template_id, name, subtype, deprecated in (
+        ("d1174162-1dd2-4976-affc-6667049ab0ae", "BitLocker", "diskEncryption", True),
+        (
+            "e44c2ca3-2f9a-400a-a113-6cc88efd773d",
+            "Endpoint detection and response",
+            "endpointDetectionReponse",
+            False,
+        ),
+    )
+}
 
 
 def endpoint_security_intent(ctx: Ctx) -> dict[str, Any]:

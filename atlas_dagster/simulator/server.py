@@ -2,20 +2,22 @@
 
 It answers every contract of ``graph_contracts`` the way Graph does — versioned paths, ``$select``
 and ``$expand``, server-side page limits with absolute ``@odata.nextLink``, groups delta with
-``@removed`` and ``@odata.deltaLink``, ``$batch`` — and enforces bearer tokens whose ``roles``
-claim must grant each contract's permissions, answering with each service's own error shape.
+``@removed`` and ``@odata.deltaLink``, ``$batch`` with ``dependsOn`` — and enforces bearer tokens
+whose ``roles`` claim must grant each contract's permissions, answering with each service's own
+error shape. Writes follow their write contracts (:mod:`.writes`) under Intune's write throttling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +30,14 @@ from atlas_dagster.simulator.auth import Answer, Authority, b64url, b64url_decod
 from atlas_dagster.simulator.faults import FaultPlan
 from atlas_dagster.simulator.odata import QueryError, Shape, parse_expand, parse_select, shape
 from atlas_dagster.simulator.tenant import SimulatedTenant
-from graph_contracts import CONTRACTS, Contract, all_permissions, granted
+from atlas_dagster.simulator.writes import (
+    REFERENCE_OBJECTS,
+    WRITE_METHODS,
+    WriteLimits,
+    WriteRefused,
+    apply_write,
+)
+from graph_contracts import CONTRACTS, Contract, all_permissions, missing_permissions
 
 JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
 DEFAULT_SECRET = "simulated-secret"
@@ -43,6 +52,12 @@ DELTA_PAGE_MAX = 200  # the most `Prefer: odata.maxpagesize` gets for directory 
 MEMBERS_PER_PAGE = 4
 QUERY_OPTIONS = {"$select", "$expand", "$top", "$skiptoken", "$deltatoken"}
 _TIMEOUT = object()
+_BAD_JSON = (
+    "Unable to read JSON request payload. Please ensure Content-Type header is set and payload "
+    "is of valid JSON format."
+)
+# A route: the contract key, the item id and the id of an element of its nested content.
+Route = tuple[str | None, str | None, str | None]
 
 
 @dataclass
@@ -75,14 +90,15 @@ def _now_text() -> str:
 
 
 def _path_regex(contract: Contract) -> str:
-    body = "/([^/]+)".join(re.escape(part) for part in contract.path.split("/{id}"))
+    parts = re.split(r"/\{(?:id|sub_id)\}", contract.path)
+    body = "/([^/]+)".join(re.escape(part) for part in parts)
     if contract.paging == "delta":
         body += r"(?:\(\))?"
     return body
 
 
 class _Router:
-    """Maps ``/{version}/path`` to a contract key and item id."""
+    """Maps a method and ``/{version}/path`` to a contract key and ids."""
 
     def __init__(self) -> None:
         self._routes = [
@@ -90,14 +106,32 @@ class _Router:
             for key, c in CONTRACTS.items()
         ]
 
-    def match(self, version: str, rest: str) -> tuple[str | None, str | None]:
+    def match(self, version: str, rest: str, method: str = "GET") -> Route:
+        """The contract of this method on this path; else the first whose path matches (it
+        answers 405)."""
+        fallback: Route | None = None
         for key, contract, pattern in self._routes:
             if key != "batch" and contract.api_version != version:
                 continue
             found = pattern.match(rest)
-            if found:
-                return key, (found.group(1) if found.groups() else None)
-        return None, None
+            if not found:
+                continue
+            groups = found.groups()
+            route = (key, *(groups + (None, None))[:2])
+            if key == "batch" or contract.method == method:
+                return route
+            fallback = fallback or route
+        return fallback or (None, None, None)
+
+    def siblings(self, key: str) -> list[Contract]:
+        """The contracts sharing this one's version, method and path (one action can take
+        several writes)."""
+        own = CONTRACTS[key]
+        return [
+            c
+            for c in CONTRACTS.values()
+            if (c.api_version, c.method, c.path) == (own.api_version, own.method, own.path)
+        ]
 
 
 _ROUTER = _Router()
@@ -134,6 +168,9 @@ class GraphSimulator:
         self.authority = Authority(tenant.tenant_id, tenant.client_id, client_secret)
         self._granted = list(all_permissions() if granted_roles is None else granted_roles)
         self.faults = FaultPlan()
+        self.write_limits = WriteLimits()
+        # What write throttling measures time with; a test may set its own.
+        self.clock: Callable[[], float] = time.monotonic
         self.stats = SimulatorStats()
         self._lock = threading.RLock()
         self._delta_epoch = 0
@@ -246,25 +283,31 @@ class GraphSimulator:
         self, request: httpx.Request, version: str, rest: str, ids: tuple[str, str]
     ) -> httpx.Response | object:
         self.stats.total += 1
-        key, item_id = _ROUTER.match(version, rest)
+        route = _ROUTER.match(version, rest, request.method)
+        key = route[0]
         self.stats.per_contract[key or "unmatched"] += 1
         claims, why = self.authority.validate(request.headers.get("Authorization"))
         if claims is None:
             return self._respond(self._unauthorized(why, ids), ids)
         query = request.url.query.decode()
-        fault = self.faults.decide(rest + ("?" + query if query else ""))
+        writes = request.method in WRITE_METHODS and key != "batch"
+        fault = self.faults.decide(rest + ("?" + query if query else ""), write=writes)
         if fault is not None:
             self.stats.faults_injected += 1
             if fault == "timeout":
                 return _TIMEOUT
-            if fault not in ("malformed", "no_next_link"):
+            if fault not in ("malformed", "no_next_link", "drop_response"):
                 return self._respond(self._fault_reply(fault, ids), ids)
         base = self._link_base(request.url.scheme, request.url.netloc.decode())
         if key == "batch":
             reply = self._batch(request, version, claims, base, ids)
         else:
+            try:
+                body = json.loads(request.content) if request.content else None
+            except ValueError:
+                return self._respond(_Reply(400, self._error("BadRequest", _BAD_JSON, ids)), ids)
             reply = self._route(
-                (key, item_id),
+                route,
                 request.method,
                 version,
                 rest,
@@ -273,7 +316,11 @@ class GraphSimulator:
                 base,
                 ids,
                 prefer=request.headers.get("Prefer"),
+                body=body,
             )
+        if fault == "drop_response":
+            # The write happened; its answer never arrives.
+            return _TIMEOUT
         if fault == "no_next_link" and isinstance(reply.body, dict):
             reply.body.pop("@odata.nextLink", None)
         response = self._respond(reply, ids)
@@ -287,7 +334,7 @@ class GraphSimulator:
 
     def _route(
         self,
-        route: tuple[str | None, str | None],
+        route: Route,
         method: str,
         version: str,
         rest: str,
@@ -296,8 +343,9 @@ class GraphSimulator:
         base: str,
         ids: tuple[str, str],
         prefer: str | None = None,
+        body: Any = None,
     ) -> _Reply:
-        key, item_id = route  # as _ROUTER matched it
+        key, item_id, sub_id = route  # as _ROUTER matched it
         if key is None or key == "batch":
             segment = rest.rstrip("/").rsplit("/", 1)[-1]
             return _Reply(
@@ -314,9 +362,11 @@ class GraphSimulator:
                 405,
                 self._error("BadRequest", f"The HTTP method '{method}' is not supported.", ids),
             )
-        missing = granted(contract.permissions, claims.get("roles") or [])
+        missing = missing_permissions(contract.permissions, claims.get("roles") or [])
         if missing:
             return self._forbidden(rest, missing, ids)
+        if contract.write is not None:
+            return self._write(contract, route, version, rest, claims, base, ids, body)
         params = parse_qsl(query, keep_blank_values=True)
         try:
             options = self._options(contract, params)
@@ -328,6 +378,40 @@ class GraphSimulator:
             return self._collection(contract, version, rest, item_id, params, options, base, ids)
         except QueryError as exc:
             return _Reply(400, self._error("BadRequest", str(exc), ids))
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def _write(
+        self,
+        contract: Contract,
+        route: Route,
+        version: str,
+        rest: str,
+        claims: dict[str, Any],
+        base: str,
+        ids: tuple[str, str],
+        body: Any,
+    ) -> _Reply:
+        if contract.throttle == "intune_write":
+            wait = self.write_limits.admit(str(claims.get("appid")), self.clock())
+            if wait is not None:
+                text = "Too many write requests for this tenant and application."
+                return _Reply(
+                    429,
+                    self._error("TooManyRequests", self._intune_message(text, rest, ids), ids),
+                    {"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        try:
+            written = apply_write(self.tenant, _ROUTER.siblings(contract.key), *route[1:], body)
+        except WriteRefused as exc:
+            return self._service_error(rest, exc.status, exc.code, exc.message, ids)
+        answer = written.body
+        if isinstance(answer, dict) and "value" not in answer:
+            assert contract.parent is not None
+            entity_set = _entity_set(CONTRACTS[contract.parent])
+            context = f"{base}/{version}/$metadata#{entity_set}/$entity"
+            answer = {"@odata.context": context, **answer}
+        return _Reply(written.status, answer)
 
     # --- query options -------------------------------------------------------------------------
 
@@ -358,7 +442,9 @@ class GraphSimulator:
     # --- collections and items -----------------------------------------------------------------
 
     def _parent_object(self, contract: Contract, item_id: str | None) -> dict[str, Any] | None:
-        assert contract.parent is not None and item_id is not None
+        assert item_id is not None
+        if contract.parent is None:
+            return REFERENCE_OBJECTS[contract.key].get(item_id)
         return self.tenant.stored_policy(contract.parent, item_id)
 
     def _collection(
@@ -544,19 +630,28 @@ class GraphSimulator:
                     "BadRequest", "Number of batch requests exceeds the maximum limit of 20.", ids
                 ),
             )
-        seen: set[str] = set()
-        responses = []
-        for sub in requests:
-            sub_id = str(sub.get("id", "")) if isinstance(sub, dict) else ""
-            if not sub_id or sub_id in seen:
-                return _Reply(
-                    400,
-                    self._error(
-                        "BadRequest", "Batch request ids must be unique and non-empty.", ids
-                    ),
+        try:
+            order = _batch_order(requests)
+        except ValueError as exc:
+            return _Reply(400, self._error("BadRequest", str(exc), ids))
+        answers: dict[str, dict[str, Any]] = {}
+        for sub_id, sub in order:
+            failed = [d for d in sub.get("dependsOn") or () if answers[d]["status"] >= 300]
+            if failed:
+                # Graph runs nothing whose dependency failed.
+                error = self._error(
+                    "FailedDependency",
+                    f"The request depends on request {failed[0]}, which failed.",
+                    (str(uuid.uuid4()), str(uuid.uuid4())),
                 )
-            seen.add(sub_id)
-            responses.append({"id": sub_id, **self._sub_request(sub, version, claims, base)})
+                answers[sub_id] = {
+                    "status": 424,
+                    "headers": {"Content-Type": JSON_TYPE},
+                    "body": error,
+                }
+            else:
+                answers[sub_id] = self._sub_request(sub, version, claims, base)
+        responses = [{"id": str(sub["id"]), **answers[str(sub["id"])]} for sub in requests]
         return _Reply(200, {"responses": responses})
 
     def _sub_request(
@@ -573,14 +668,24 @@ class GraphSimulator:
         else:
             target = url if url.startswith("/") else "/" + url
             rest, _, query = target.partition("?")
-            route = _ROUTER.match(version, rest)
+            route = _ROUTER.match(version, rest, method)
             self.stats.per_contract[route[0] or "unmatched"] += 1
-            fault = self.faults.decide(target, sub_request=True)
+            fault = self.faults.decide(target, sub_request=True, write=method in WRITE_METHODS)
             if fault is not None:
                 self.stats.faults_injected += 1
-                reply = self._fault_reply("504" if fault == "timeout" else fault, sub_ids)
-            else:
-                reply = self._route(route, method, version, rest, query, claims, base, sub_ids)
+            if fault is None or fault == "drop_response":
+                reply = self._route(
+                    route, method, version, rest, query, claims, base, sub_ids, body=sub.get("body")
+                )
+            if fault is not None:
+                # A write whose answer is lost shows, like a timeout, as the gateway's 504.
+                kind = "504" if fault in ("timeout", "drop_response") else fault
+                reply = self._fault_reply(kind, sub_ids)
+        if reply.body is None:
+            return {
+                "status": reply.status,
+                "headers": {"Cache-Control": "no-cache", **reply.headers},
+            }
         headers = {"Content-Type": JSON_TYPE, "Cache-Control": "no-cache", **reply.headers}
         return {"status": reply.status, "headers": headers, "body": reply.body}
 
@@ -600,6 +705,9 @@ class GraphSimulator:
 
     def _respond(self, reply: _Reply, ids: tuple[str, str]) -> httpx.Response:
         headers = self._headers(ids) | reply.headers
+        if reply.body is None:  # 204 No Content, and writes that answer nothing
+            del headers["Content-Type"]
+            return httpx.Response(reply.status, headers=headers)
         return httpx.Response(reply.status, headers=headers, json=reply.body)
 
     @staticmethod
@@ -636,7 +744,9 @@ class GraphSimulator:
     def _forbidden(self, path: str, missing: list[str], ids: tuple[str, str]) -> _Reply:
         if path.lower().startswith(("/devicemanagement", "/deviceappmanagement")):
             scopes = ", ".join(
-                name for m in missing for name in (m, m.replace(".Read.", ".ReadWrite."))
+                dict.fromkeys(
+                    name for m in missing for name in (m, m.replace(".Read.", ".ReadWrite."))
+                )
             )
             text = (
                 "Application is not authorized to perform this operation. Application must have "
@@ -664,9 +774,15 @@ class GraphSimulator:
 
     def _not_found(self, path: str, item_id: str | None, ids: tuple[str, str]) -> _Reply:
         text = f"Resource with id '{item_id}' was not found"
-        return _Reply(
-            404, self._error("ResourceNotFound", self._intune_message(text, path, ids), ids)
-        )
+        return self._service_error(path, 404, "ResourceNotFound", text, ids)
+
+    def _service_error(
+        self, path: str, status: int, code: str, text: str, ids: tuple[str, str]
+    ) -> _Reply:
+        """An error in the shape of the service behind ``path``: Intune wraps its own."""
+        if path.lower().startswith(("/devicemanagement", "/deviceappmanagement")):
+            text = self._intune_message(text, path, ids)
+        return _Reply(status, self._error(code, text, ids))
 
     def _unauthorized(self, why: str, ids: tuple[str, str]) -> _Reply:
         return _Reply(
@@ -759,6 +875,38 @@ def _make_server(simulator: GraphSimulator, host: str, port: int) -> ThreadingHT
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     return server
+
+
+def _batch_order(requests: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The order Graph runs a batch's requests in: each after those its ``dependsOn`` names,
+    otherwise as sent. Raises ValueError (a 400 for the whole batch) for duplicate or missing
+    ids, a dependency outside the batch or a cycle, and a write without its Content-Type."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for sub in requests:
+        sub_id = str(sub.get("id", "")) if isinstance(sub, dict) else ""
+        if not sub_id or sub_id in by_id:
+            raise ValueError("Batch request ids must be unique and non-empty.")
+        headers = {str(k).lower() for k in sub.get("headers") or {}}
+        if "body" in sub and "content-type" not in headers:
+            raise ValueError(f"Write request id : {sub_id} does not contain Content-Type header.")
+        by_id[sub_id] = sub
+    for sub_id, sub in by_id.items():
+        depends = sub.get("dependsOn") or []
+        if not isinstance(depends, list) or any(str(d) not in by_id for d in depends):
+            raise ValueError(f"Request {sub_id} depends on a request that is not in the batch.")
+        sub["dependsOn"] = [str(d) for d in depends]
+    order: list[tuple[str, dict[str, Any]]] = []
+    done: set[str] = set()
+    while len(order) < len(by_id):
+        ready = next(
+            (i for i, sub in by_id.items() if i not in done and set(sub["dependsOn"]) <= done),
+            None,
+        )
+        if ready is None:
+            raise ValueError("The dependsOn of the batch's requests form a cycle.")
+        done.add(ready)
+        order.append((ready, by_id[ready]))
+    return order
 
 
 def _delta_page_size(prefer: str | None) -> int:

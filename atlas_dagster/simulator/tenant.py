@@ -39,6 +39,8 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "small": Profile(per_type=(3, 8), groups=200, settings=(3, 30)),
+    # About 500 policies, the size of a typical managed business tenant (the benchmarks' tenant).
+    "standard": Profile(per_type=(12, 25), groups=1_000, settings=(5, 40), big_settings=61),
     "medium": Profile(per_type=(30, 80), groups=2_000, settings=(3, 40)),
     "large": Profile(per_type=(45, 55), groups=10_000, settings=(10, 50), big_settings=61),
     "xlarge": Profile(per_type=(190, 230), groups=200_000, settings=(3, 30), big_settings=61),
@@ -447,6 +449,29 @@ class SimulatedTenant:
         with self.lock:
             if self._store(contract_key).pop(policy_id, None) is None:
                 raise KeyError(f"no {contract_key} object {policy_id}")
+
+    # --- what Graph's writes need -------------------------------------------------------------
+
+    def new_policy_id(self, contract_key: str) -> str:
+        """The id Graph gives a new object: scope tags are numbered, other objects get GUIDs."""
+        with self.lock:
+            ids = list(self._store(contract_key))
+            if ids and all(i.isdigit() for i in ids):
+                return str(1 + max(map(int, ids)))
+            return p.guid(self._ids)
+
+    def new_element_id(self) -> str:
+        with self.lock:
+            return p.guid(self._ids)
+
+    def now_stamp(self) -> str:
+        with self.lock:
+            return self._tick()
+
+    def store_policy(self, contract_key: str, obj: dict[str, Any]) -> None:
+        """Keep ``obj`` as given: whoever wrote it set its id and stamps."""
+        with self.lock:
+            self._store(contract_key)[obj["id"]] = copy.deepcopy(obj)
 
     def set_assignments(
         self, contract_key: str, policy_id: str, assignments: list[dict[str, Any]]

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from atlas_dagster import schema
 from atlas_dagster.reasons import PROVIDER_PERMISSION_DENIED, GraphError
 from atlas_dagster.stores import bulk
+from graph_contracts import CONTRACTS
 
 READY = "ready"
 MISSING_PERMISSION = "missing_permission"
@@ -57,8 +58,6 @@ def record_denied(
     """A 403 met outside verification marks that contract as missing a permission."""
     if err.reason_code != PROVIDER_PERMISSION_DENIED or not err.contract_key:
         return
-    from graph_contracts import CONTRACTS
-
     contract = CONTRACTS.get(err.contract_key)
     record_checks(
         engine,
