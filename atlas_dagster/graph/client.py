@@ -25,7 +25,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +34,7 @@ from atlas_dagster import reasons
 from atlas_dagster.config import ProviderConnection
 from atlas_dagster.graph.auth import EntraAuth, SignIn, decode_jwt_payload, sign_in_for, sign_out
 from atlas_dagster.graph.errors import response_error
+from atlas_dagster.graph.reads import PolicyReads
 from atlas_dagster.graph.transport import (
     CONCURRENCY,
     RETRY_STATUSES,
@@ -45,7 +45,7 @@ from atlas_dagster.graph.transport import (
     bucket_for,
     http_client,
 )
-from atlas_dagster.reasons import FATAL_FOR_ALL_TYPES, GraphError
+from atlas_dagster.reasons import GraphError
 from graph_contracts import BATCH_SIZE, CONTRACTS, Contract
 
 log = logging.getLogger("atlas_dagster.graph")
@@ -530,83 +530,3 @@ class GraphClient:
         """Every one of these policy contracts read completely (:meth:`read_policies`), up to
         ``concurrency`` of them at once, handed over in the order asked for."""
         return PolicyReads(self, contract_keys, ahead=READ_AHEAD * self.concurrency)
-
-
-@dataclass
-class PolicyRead:
-    """One policy contract as far as its read got: the objects in the order Graph listed them,
-    and the error that ended the read early, if one did."""
-
-    contract_key: str
-    objects: list[dict[str, Any]] = field(default_factory=list)
-    error: GraphError | None = None
-
-    def replay(self) -> Iterator[dict[str, Any]]:
-        """The objects as :meth:`GraphClient.read_policies` yielded them, then its error."""
-        yield from self.objects
-        if self.error is not None:
-            raise self.error
-
-
-class PolicyReads:
-    """Policy contracts read side by side on the client's threads, for one caller that takes
-    them in order (and writes them from its own thread):
-
-        with client.policy_reads(keys) as reads:
-            for read in reads:
-                ...
-
-    At most ``ahead`` contracts are read or held that the caller has not taken yet, so a slow
-    writer holds a bounded part of the tenant in memory. A contract's GraphError ends only its
-    own read, unless no contract can escape it (sign-in, consent): then every read not yet
-    started ends with that error too, without a request. Leaving the block cancels the reads not
-    started and stops the running ones after their current page."""
-
-    def __init__(self, client: GraphClient, contract_keys: Iterable[str], ahead: int):
-        self._client = client
-        self._keys = deque(contract_keys)
-        self._ahead = ahead
-        self._stopped = threading.Event()
-        self._fatal: GraphError | None = None
-        self._pool = ThreadPoolExecutor(client.concurrency, thread_name_prefix="graph-read")
-        self._pending: deque[Future[PolicyRead]] = deque()
-
-    def __enter__(self) -> PolicyReads:
-        self._submit()
-        return self
-
-    def __iter__(self) -> Iterator[PolicyRead]:
-        while self._pending:
-            # Dropped once handed over: the caller holds one contract's objects at a time.
-            read = self._pending.popleft().result()
-            self._submit()
-            yield read
-
-    def _submit(self) -> None:
-        while self._keys and len(self._pending) < self._ahead:
-            self._pending.append(self._pool.submit(self._read, self._keys.popleft()))
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stopped.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _read(self, contract_key: str) -> PolicyRead:
-        read = PolicyRead(contract_key)
-        if self._fatal is not None:
-            read.error = self._fatal
-            return read
-        try:
-            for obj in self._client.read_policies(contract_key):
-                if self._stopped.is_set():
-                    break
-                read.objects.append(obj)
-        except GraphError as exc:
-            read.error = exc
-            if exc.reason_code in FATAL_FOR_ALL_TYPES:
-                self._fatal = exc
-        return read
