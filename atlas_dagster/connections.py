@@ -15,8 +15,7 @@ def ensure_partitions(instance: dg.DagsterInstance, keys: list[str]) -> list[str
     its runs is in flight."""
     name = provider_connection_partitions.name
     assert name is not None
-    current = set(instance.get_dynamic_partitions(name))
-    added = [k for k in dict.fromkeys(keys) if k not in current]
+    added, _ = partition_changes(list(instance.get_dynamic_partitions(name)), keys)
     if added:
         instance.add_dynamic_partitions(name, added)
     return added

@@ -34,8 +34,6 @@ def _backup(engine, client, schedule) -> tuple[dict, float]:
         engine,
         provider_connection_id=schedule.provider_connection_id,
         backup_schedule_id=schedule.id,
-        operation_run_id=None,
-        scheduled_for=None,
         policy_types=plan.policy_types,
     )
     started = time.perf_counter()

@@ -185,8 +185,6 @@ def _make_set(engine, age_days, status, records, schedule_key="contoso-nightly")
         engine,
         provider_connection_id=schedule.provider_connection_id,
         backup_schedule_id=schedule.id,
-        operation_run_id=None,
-        scheduled_for=None,
         policy_types=["device_configurations"],
     )
     store.store_items(engine, set_id, records)
@@ -271,8 +269,6 @@ def test_identical_payloads_are_stored_once(engine):
         engine,
         provider_connection_id=schedule.provider_connection_id,
         backup_schedule_id=schedule.id,
-        operation_run_id=None,
-        scheduled_for=None,
         policy_types=["device_configurations"],
     )
     result = store.store_items(engine, second, [a])

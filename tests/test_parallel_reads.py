@@ -107,8 +107,6 @@ def _backup(engine: sa.Engine, client: GraphClient) -> dict[str, int]:
         engine,
         provider_connection_id=schedule.provider_connection_id,
         backup_schedule_id=schedule.id,
-        operation_run_id=None,
-        scheduled_for=None,
         policy_types=plan.policy_types,
     )
     summary = run_backup(engine, client, plan, set_id, None)

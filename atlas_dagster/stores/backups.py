@@ -182,10 +182,12 @@ def create_set(
     *,
     provider_connection_id: int,
     backup_schedule_id: int,
-    operation_run_id: int | None,
-    scheduled_for: datetime | None,
     policy_types: Sequence[str],
+    operation_run_id: int | None = None,
+    scheduled_for: datetime | None = None,
 ) -> int:
+    """A new set, running: ``operation_run_id`` and ``scheduled_for`` are a run's (none for a set
+    made outside one)."""
     with engine.begin() as conn:
         return int(
             conn.execute(
