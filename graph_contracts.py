@@ -452,7 +452,10 @@ _contracts: list[Contract] = [
         "/deviceManagement/groupPolicyConfigurations/{id}/definitionValues",
         (CONFIG,),
         "group_policy_configurations",
-        expand=("definition($select=id,displayName,classType,categoryPath)", "presentationValues"),
+        expand=(
+            "definition($select=id,displayName,classType,categoryPath)",
+            "presentationValues($expand=presentation)",
+        ),
         page_size=100,
     ),
     Contract(
@@ -1323,7 +1326,26 @@ def _write_contracts(policy: Contract) -> list[Contract]:
     ]
 
 
+def _object_read(policy: Contract) -> Contract:
+    """One object of a writable policy collection by id, as its listing returns it (a restore
+    re-reads its target before the first write and reads it back after the last)."""
+    return Contract(
+        key=f"{policy.key}.get",
+        title=f"{policy.title}: one object",
+        path=policy.path + "/{id}",
+        api_version=policy.api_version,
+        select=policy.select,
+        expand=policy.expand,
+        paging="none",
+        permissions=policy.permissions,
+        modified_field=None,
+        throttle=policy.throttle,
+        parent=policy.key,
+    )
+
+
 _contracts = [_with_writes(c) for c in _contracts]
+_contracts += [_object_read(c) for c in _contracts if c.writes]
 _write_contract_list = [w for c in _contracts if c.writes for w in _write_contracts(c)]
 
 CONTRACTS: dict[str, Contract] = {c.key: c for c in (*_contracts, *_write_contract_list)}

@@ -162,7 +162,12 @@ def run_start(
     *,
     in_process: bool,
     report: Callable[[StartOutcome], None],
+    refuse_existing: bool = False,
+    **options: Any,
 ) -> int:
+    """Start ``run_type`` as the command's arguments (and ``options``, which take precedence)
+    say; the exit code. With ``refuse_existing``, meeting a row that already holds the
+    identity is bad usage (a plan executes once)."""
     # The config first: a broken one is its own line and exit 2, not a failure to load the
     # definitions.
     config = _config(args)
@@ -181,22 +186,27 @@ def run_start(
     from atlas_dagster.ledger.store import OperationLedger
 
     try:
+        given = {
+            "connection": getattr(args, "connection", None),
+            "schedule": getattr(args, "schedule", None),
+            "retry_of": getattr(args, "retry_of", None),
+            "accept_deletions": getattr(args, "accept_deletions", False),
+        }
         outcome = start_operation(
             config,
             run_type,
             defs=defs,
-            connection=getattr(args, "connection", None),
-            schedule=getattr(args, "schedule", None),
-            retry_of=getattr(args, "retry_of", None),
-            accept_deletions=getattr(args, "accept_deletions", False),
             in_process=in_process,
             console_log_level=VERBOSE_LOG_LEVEL if args.verbose else QUIET_LOG_LEVEL,
+            **{**given, **options},
         )
     except DispatchError as exc:
         report(StartOutcome(exc.row, created=True, dispatched=False))
         print(f"error: dispatch failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     as_json, wait = getattr(args, "json", False), getattr(args, "wait", False)
+    if not outcome.created and refuse_existing:
+        raise UsageError(f"{run_type} is {_already_line(outcome.row)}: nothing was started")
     if not outcome.created and not as_json:
         # Flushed: a caller reading a pipe learns this before a --wait.
         print(_already_line(outcome.row), flush=True)
@@ -303,7 +313,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if checks:
             print(
                 _table(
-                    checks_table(checks), ("contract", "policy type", "status", "to grant / reason")
+                    checks_table(checks),
+                    ("contract", "policy type", "status", "to grant / reason", "write"),
                 )
             )
         print(_row_line(row))
@@ -400,6 +411,171 @@ def cmd_backups_export(args: argparse.Namespace) -> int:
 # --- simulator -----------------------------------------------------------------------------
 
 
+# --- restore -----------------------------------------------------------------------------------
+
+
+def _csv_arg(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _plan_json(engine: Any, plan_id: int) -> dict[str, Any] | None:
+    from atlas_dagster.restore import store as plans
+
+    plan = plans.get_plan(engine, plan_id)
+    if plan is None:
+        return None
+    items = [i.to_dict() for i in plans.plan_items(engine, plan_id)]
+    for item in items:
+        item.pop("planned_view", None)
+    return {**plan.to_dict(), "items": items}
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    executed = plan["status"] != "planned"
+    print(
+        f"restore plan #{plan['id']} of backup set #{plan['backup_set_id']} into "
+        f"{plan['provider_connection']} (tenant {plan['target_tenant_id']}): {plan['status']}, "
+        f"expires {plan['expires_at'][:16].replace('T', ' ')} UTC"
+    )
+    rows = []
+    for item in plan["items"]:
+        if item["action"] == "unchanged" and not item["message"] and not executed:
+            continue
+        paths = ", ".join(c["path"] for c in item["changes"][:3])
+        if len(item["changes"]) > 3:
+            paths += f" (+{len(item['changes']) - 3})"
+        rows.append(
+            (
+                item["position"],
+                item["contract_key"],
+                (item["display_name"] or "")[:48],
+                item["action"],
+                item["result"] or "" if executed else len(item["writes"]),
+                item["reason_code"] or "",
+                item["error"] or item["message"] or paths,
+            )
+        )
+    if rows:
+        last = "result" if executed else "writes"
+        print(_table(rows, ("#", "type", "name", "action", last, "reason", "changes / note")))
+    counts = ", ".join(f"{k}={v}" for k, v in plan["summary_counts"].items())
+    print(counts)
+
+
+def cmd_restore_plan(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from atlas_dagster.db import ready_engine
+    from atlas_dagster.restore.engine import Selection
+    from atlas_dagster.stores.backups import require_set
+
+    engine = ready_engine(config)
+    backup = _backup_store_call(require_set, engine, args.set)
+    connection = args.connection or backup.provider_connection
+    selection = Selection(_csv_arg(args.types), _csv_arg(args.items), args.keep_ca_state)
+    from graph_contracts import CONTRACTS, POLICY_CONTRACTS, classify
+
+    known = (
+        set(POLICY_CONTRACTS)
+        | {r.policy_type for k in POLICY_CONTRACTS for r in CONTRACTS[k].type_rules}
+        | {classify(CONTRACTS[k], {}).policy_type for k in POLICY_CONTRACTS}
+    )
+    unknown = [t for t in selection.types if t not in known]
+    if unknown:
+        raise UsageError(f"unknown policy type {', '.join(unknown)} (a contract key or type)")
+
+    def report(outcome: StartOutcome) -> None:
+        plan_id = outcome.row.context.get("restore_run_id")
+        plan = _plan_json(engine, int(plan_id)) if plan_id else None
+        if args.json:
+            _print_json({**_start_json(outcome), "restore_plan": plan})
+            return
+        if plan is not None:
+            _print_plan(plan)
+        print(_row_line(outcome.row))
+
+    return run_start(
+        args,
+        "restore.plan",
+        in_process=args.in_process,
+        report=report,
+        connection=connection,
+        backup_set_id=backup.id,
+        target_scope=selection.scope(backup.id),
+    )
+
+
+def cmd_restore_show(args: argparse.Namespace) -> int:
+    plan = _plan_json(_read_engine(args), args.plan)
+    if plan is None:
+        raise UsageError(f"no restore plan #{args.plan}")
+    if args.json:
+        _print_json({"restore_plan": plan})
+    else:
+        _print_plan(plan)
+    return EXIT_OK
+
+
+def cmd_restore_execute(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from atlas_dagster.assets.restore import tenant_of
+    from atlas_dagster.db import ready_engine
+    from atlas_dagster.restore import store as plans
+    from atlas_dagster.restore.engine import PlanRefused, check_executable
+
+    engine = ready_engine(config)
+    plan = plans.get_plan(engine, args.plan)
+    if plan is None:
+        raise UsageError(f"no restore plan #{args.plan}")
+    if args.connection and args.connection != plan.provider_connection:
+        raise UsageError(
+            f"restore plan #{plan.id} restores into {plan.provider_connection!r}, not "
+            f"{args.connection!r}: nothing was written"
+        )
+    if plan.provider_connection not in {c.key for c in config.provider_connections}:
+        raise UsageError(f"connection {plan.provider_connection!r} is no longer in the config")
+    try:
+        check_executable(plan, tenant_of(config, plan.provider_connection), datetime.now(UTC))
+    except PlanRefused as exc:
+        raise UsageError(f"{exc.message}: nothing was written") from None
+    if not args.confirm:
+        counts = plan.summary_counts
+        raise UsageError(
+            f"restore plan #{plan.id} writes to tenant {plan.target_tenant_id} "
+            f"({counts.get('create', 0)} to create, {counts.get('update', 0)} to update): "
+            "add --confirm to execute it"
+        )
+
+    def report(outcome: StartOutcome) -> None:
+        current = _plan_json(engine, plan.id)
+        if args.json:
+            _print_json({**_start_json(outcome), "restore_plan": current})
+            return
+        if current is not None and outcome.row.status == Status.COMPLETED:
+            _print_plan(current)
+        print(_row_line(outcome.row))
+
+    code = run_start(
+        args,
+        "restore.execute",
+        in_process=args.in_process,
+        report=report,
+        refuse_existing=True,
+        connection=plan.provider_connection,
+        restore_run_id=plan.id,
+    )
+    # The cache is made true again by a sync of its own (its own ledger row); it queues behind
+    # the execution in the tenant's slot.
+    follow = argparse.Namespace(**{**vars(args), "json": False, "wait": False})
+    run_start(
+        follow,
+        "inventory.sync",
+        in_process=args.in_process,
+        report=lambda o: None if args.json else print(_row_line(o.row)),
+        connection=plan.provider_connection,
+    )
+    return code
+
+
 def cmd_simulator_serve(args: argparse.Namespace) -> int:
     from atlas_dagster.simulator import serve_forever
 
@@ -482,6 +658,38 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("set", type=int)
     be.add_argument("dir")
     be.set_defaults(func=cmd_backups_export)
+
+    rs = sub.add_parser("restore", help="restore a backup set: plan, then execute").add_subparsers(
+        dest="restore_command", required=True
+    )
+    rp = rs.add_parser("plan", help="what a restore would do (writes nothing to the tenant)")
+    rp.add_argument("--set", type=int, required=True, help="backup set id")
+    rp.add_argument("--connection", help="target connection (default: the set's own)")
+    rp.add_argument("--types", help="policy types or contract keys, comma-separated")
+    rp.add_argument("--items", help="source object ids, comma-separated")
+    rp.add_argument(
+        "--keep-ca-state",
+        action="store_true",
+        help="write conditional access policies enabled as backed up (else report-only)",
+    )
+    rp.add_argument("--in-process", action="store_true", help="run the job in this process")
+    rp.add_argument("--wait", action="store_true", help="wait until the plan is made")
+    rp.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_restore_plan)
+    rsh = rs.add_parser("show", help="a plan and, once executed, each item's result")
+    rsh.add_argument("plan", type=int)
+    rsh.add_argument("--json", action="store_true")
+    rsh.set_defaults(func=cmd_restore_show)
+    rx = rs.add_parser("execute", help="execute a plan, once (writes to the tenant)")
+    rx.add_argument("--plan", type=int, required=True)
+    rx.add_argument("--confirm", action="store_true", help="yes, write to the tenant")
+    rx.add_argument("--connection", help="refuse unless the plan restores into this connection")
+    rx.add_argument("--in-process", action="store_true", help="run the job in this process")
+    rx.add_argument("--wait", action="store_true", help="wait until the execution completes")
+    rx.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
+    rx.add_argument("--json", action="store_true")
+    rx.set_defaults(func=cmd_restore_execute)
 
     sim = sub.add_parser("simulator", help="the Microsoft Graph simulator").add_subparsers(
         dest="sim_command", required=True

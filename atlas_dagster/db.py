@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration; a test keeps it equal to Alembic's head. Reads compare the database's
 # revision with it without loading Alembic.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()

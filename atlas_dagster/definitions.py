@@ -14,6 +14,12 @@ from atlas_dagster.assets.directory_groups import (
     directory_groups_sync_job,
 )
 from atlas_dagster.assets.inventory import inventory, inventory_fresh, inventory_sync_job
+from atlas_dagster.assets.restore import (
+    restore_execute_job,
+    restore_execution,
+    restore_plan,
+    restore_plan_job,
+)
 from atlas_dagster.assets.verification import (
     provider_connection_checks,
     provider_connection_verify_job,
@@ -26,7 +32,14 @@ from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.schedules import refresh_schedules
 
-JOBS = [inventory_sync_job, directory_groups_sync_job, provider_connection_verify_job, backup_job]
+JOBS = [
+    inventory_sync_job,
+    directory_groups_sync_job,
+    provider_connection_verify_job,
+    backup_job,
+    restore_plan_job,
+    restore_execute_job,
+]
 
 
 def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
@@ -38,7 +51,14 @@ def build_definitions(config: AtlasConfig | None = None) -> dg.Definitions:
             raise dg.DagsterInvariantViolationError(str(exc)) from None
     database = DatabaseResource()
     return dg.Definitions(
-        assets=[inventory, directory_groups, provider_connection_checks, backups],
+        assets=[
+            inventory,
+            directory_groups,
+            provider_connection_checks,
+            backups,
+            restore_plan,
+            restore_execution,
+        ],
         asset_checks=[inventory_fresh, directory_groups_fresh],
         jobs=JOBS,
         schedules=[

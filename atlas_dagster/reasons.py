@@ -110,6 +110,11 @@ class DeltaExpired(GraphError):
     must fall back to a full resync."""
 
 
+class WriteUncertain(GraphError):
+    """A write that is not safe to send again (a create, an action that adds) got no answer or
+    a server error: it may or may not have happened (``restore_outcome_unknown``)."""
+
+
 def failure(reason_code: str, message: str, contract_key: str | None = None) -> dict[str, Any]:
     """One ``failure_summary`` entry."""
     if reason_code not in REASON_CODES:

@@ -143,6 +143,14 @@ operation_runs = sa.Table(
         sqlite_where=sa.text("type = 'backup_schedule.scheduled'"),
         postgresql_where=sa.text("type = 'backup_schedule.scheduled'"),
     ),
+    # A plan executes at most once: its execution's identity exists once, in any status.
+    sa.Index(
+        "uq_operation_runs_restore_execute_identity",
+        "run_identity_hash",
+        unique=True,
+        sqlite_where=sa.text("type = 'restore.execute'"),
+        postgresql_where=sa.text("type = 'restore.execute'"),
+    ),
     sa.Index("uq_operation_runs_dagster_run_id", "dagster_run_id", unique=True),
     sa.Index("ix_operation_runs_conn_type_created", "provider_connection_id", "type", "created_at"),
     sa.Index("ix_operation_runs_status", "status"),
@@ -276,7 +284,75 @@ provider_connection_checks = sa.Table(
     sa.Column("message", sa.Text),
     sa.Column("checked_at", UTCDateTime, nullable=False),
     sa.Column("operation_run_id", Id, sa.ForeignKey("operation_runs.id")),
+    # Write readiness of a policy collection (restore): ready, missing_permission, or
+    # not_writable (Graph takes no writes of it); the permissions its writes lack.
+    sa.Column("write_status", sa.String(32)),
+    sa.Column("write_missing_permissions", JSONType),
     sa.PrimaryKeyConstraint("provider_connection_id", "contract_key"),
+)
+
+# Restore (DESIGN §9): a plan that only read the target tenant, and its items.
+restore_plans = sa.Table(
+    "restore_plans",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("backup_set_id", Id, sa.ForeignKey("backup_sets.id"), nullable=False),
+    sa.Column(
+        "source_provider_connection_id",
+        Id,
+        sa.ForeignKey("provider_connections.id"),
+        nullable=False,
+    ),
+    _conn_fk(),
+    # The tenant the plan read: execute refuses a connection that now points elsewhere.
+    sa.Column("target_tenant_id", sa.String(255), nullable=False),
+    sa.Column("selection", JSONType, nullable=False),
+    sa.Column("options", JSONType, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("executed_at", UTCDateTime),
+    sa.Column("completed_at", UTCDateTime),
+    sa.Column("operation_run_id", Id, sa.ForeignKey("operation_runs.id")),
+    sa.Column("execute_operation_run_id", Id, sa.ForeignKey("operation_runs.id")),
+    sa.Column("summary_counts", JSONType, nullable=False),
+    sa.CheckConstraint(
+        "status IN ('planned', 'executing', 'executed')", name="ck_restore_plans_status"
+    ),
+    sa.Index("ix_restore_plans_connection", "provider_connection_id", "created_at"),
+)
+
+restore_items = sa.Table(
+    "restore_items",
+    metadata,
+    sa.Column("restore_plan_id", Id, sa.ForeignKey("restore_plans.id"), nullable=False),
+    # Execution order: references (scope tags, filters) before the policies that use them.
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("contract_key", sa.String(64), nullable=False),
+    sa.Column("policy_type", sa.String(128)),
+    sa.Column("display_name", sa.Text),
+    sa.Column("source_external_id", sa.String(255), nullable=False),
+    sa.Column("target_external_id", sa.String(255)),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("reason_code", sa.String(64)),
+    sa.Column("message", sa.Text),
+    sa.Column("changes", JSONType, nullable=False),
+    # The writes the item takes, in order, each with its request body (secrets never: an item
+    # holding a masked secret is skipped).
+    sa.Column("writes", JSONType, nullable=False),
+    sa.Column("target_hash_at_plan", sa.String(64)),
+    # What the item's target is to look like afterwards (its restorable view, references
+    # mapped): the read-back compares with it.
+    sa.Column("planned_view", JSONType),
+    sa.Column("result", sa.String(32)),
+    sa.Column("verified", sa.Boolean),
+    sa.Column("error", sa.Text),
+    sa.Column("completed_at", UTCDateTime),
+    sa.PrimaryKeyConstraint("restore_plan_id", "position"),
+    sa.CheckConstraint(
+        "action IN ('create', 'update', 'unchanged', 'skip', 'blocked')",
+        name="ck_restore_items_action",
+    ),
 )
 
 # Views for humans. Plain SQL that both SQLite and PostgreSQL accept.

@@ -13,7 +13,7 @@ import pytest
 from atlas_dagster.config import ProviderConnection, Secret
 from atlas_dagster.graph import GraphClient, TokenBucket
 from atlas_dagster.simulator import GraphSimulator, SimulatedTenant
-from atlas_dagster.simulator.payloads import ADMX_DEFINITIONS, TEMPLATES
+from atlas_dagster.simulator.payloads import ADMX_DEFINITIONS, TEMPLATES, admx_presentation
 from atlas_dagster.simulator.writes import WriteLimits
 from graph_contracts import CONTRACTS, all_permissions, stable_payload, write_permissions
 from tests.test_simulator import SECRET, Graph
@@ -219,10 +219,11 @@ def test_nested_content_has_writes_of_its_own(sim, graph):
     admx = sim.tenant.policies("group_policy_configurations")[0]
     definition_id = next(iter(ADMX_DEFINITIONS))
     bind = f"https://graph.microsoft.com/beta/deviceManagement/groupPolicyDefinitions('{definition_id}')"
+    presentation = admx_presentation(definition_id)
     delta = {
         "added": [{"enabled": True, "definition@odata.bind": bind, "presentationValues": [
             {"@odata.type": "#microsoft.graph.groupPolicyPresentationValueText", "value": "x",
-             "presentation@odata.bind": f"{bind}/presentations('p1')"}]}],
+             "presentation@odata.bind": f"{bind}/presentations('{presentation['id']}')"}]}],
         "updated": [{"id": admx["definitionValues"][0]["id"], "enabled": False}],
         "deletedIds": [v["id"] for v in admx["definitionValues"][1:]],
     }  # fmt: skip
@@ -232,7 +233,7 @@ def test_nested_content_has_writes_of_its_own(sim, graph):
     assert [v["enabled"] for v in values] == [False, True]
     assert values[1]["definition"]["displayName"] == ADMX_DEFINITIONS[definition_id]["displayName"]
     stored = sim.tenant.stored_policy("group_policy_configurations", admx["id"])
-    assert stored["definitionValues"][1]["presentationValues"][0]["presentation"] == {"id": "p1"}
+    assert stored["definitionValues"][1]["presentationValues"][0]["presentation"] == presentation
     unknown = {"added": [{"definition@odata.bind": bind.replace(definition_id, "nope")}]}
     assert graph.send("POST", url, unknown).status_code == 400
 

@@ -200,7 +200,7 @@ def test_backup_counts_per_policy_type_are_a_table_naming_the_denied_types(hub: 
 def test_verification_readiness_is_a_table_per_contract(hub: Hub) -> None:
     entries = _latest_metadata(hub.port, "provider_connection_checks")
     columns, records = _table(entries["readiness"])
-    assert set(columns) == {"contract", "policy_type", "status", "to_grant_or_reason"}
+    assert set(columns) == {"contract", "policy_type", "status", "to_grant_or_reason", "write"}
     # Denied by the token's roles (missing_permission) or by Graph when probed (probe_failed):
     # either way each row says why.
     not_ready = {r["contract"]: r["to_grant_or_reason"] for r in records if r["status"] != "ready"}

@@ -4,6 +4,10 @@ are missing for which policy types.
 Steps: sign in; read the granted application permissions from the token's ``roles`` claim;
 compare each contract's required permissions; probe each readable contract with one minimal
 request. The result per contract lands in ``provider_connection_checks`` and in the ledger row.
+
+Write readiness (restore) is reported per policy contract from the roles claim alone: a write
+probe would change the tenant. It never changes the outcome: a read-only app registration is a
+valid setup that just cannot restore.
 """
 
 from dataclasses import dataclass, field
@@ -26,7 +30,13 @@ from atlas_dagster.reasons import (
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource
 from atlas_dagster.resources.ledger import LedgerResource
-from atlas_dagster.stores.checks import MISSING_PERMISSION, PROBE_FAILED, READY, record_checks
+from atlas_dagster.stores.checks import (
+    MISSING_PERMISSION,
+    NOT_WRITABLE,
+    PROBE_FAILED,
+    READY,
+    record_checks,
+)
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, missing_permissions
 
 VERIFIED_CONTRACTS: tuple[str, ...] = (*POLICY_CONTRACTS, "groups_delta")
@@ -58,11 +68,31 @@ class Verification:
 
     def counts(self) -> dict[str, int]:
         statuses = [c["status"] for c in self.checks]
+        write_statuses = [c["write_status"] for c in self.checks]
         return {
             "contracts_ready": statuses.count(READY),
             "contracts_missing_permission": statuses.count(MISSING_PERMISSION),
             "contracts_probe_failed": statuses.count(PROBE_FAILED),
+            "contracts_write_ready": write_statuses.count(READY),
+            "contracts_write_missing_permission": write_statuses.count(MISSING_PERMISSION),
         }
+
+
+def write_readiness(key: str, roles: list[str]) -> dict[str, Any]:
+    """The check fields saying whether the roles grant every permission of every write of a
+    policy contract (None for a contract that is not a policy collection)."""
+    contract = CONTRACTS[key]
+    if not contract.policy:
+        return {"write_status": None, "write_missing_permissions": None}
+    if contract.writes is None:
+        return {"write_status": NOT_WRITABLE, "write_missing_permissions": []}
+    missing = sorted(
+        {p for w in contract.writes.all for p in missing_permissions(w.permissions, roles)}
+    )
+    return {
+        "write_status": MISSING_PERMISSION if missing else READY,
+        "write_missing_permissions": missing,
+    }
 
 
 def verify_connection(
@@ -82,6 +112,8 @@ def verify_connection(
                     "missing_permissions": [],
                     "reason_code": exc.reason_code,
                     "message": exc.message,
+                    "write_status": None,
+                    "write_missing_permissions": None,
                 }
                 for key in contract_keys
             ],
@@ -89,6 +121,7 @@ def verify_connection(
     roles = sorted(str(r) for r in claims.get("roles") or [])
     result = Verification(signed_in=True, roles=roles)
     for key in contract_keys:
+        writes = write_readiness(key, roles)
         missing = missing_permissions(CONTRACTS[key].permissions, roles)
         if missing:
             result.checks.append(
@@ -98,6 +131,7 @@ def verify_connection(
                     "missing_permissions": missing,
                     "reason_code": PROVIDER_PERMISSION_DENIED,
                     "message": f"grant the application permission {', '.join(missing)}",
+                    **writes,
                 }
             )
             continue
@@ -113,6 +147,7 @@ def verify_connection(
                     "missing_permissions": [],
                     "reason_code": exc.reason_code,
                     "message": exc.message,
+                    **writes,
                 }
             )
             continue
@@ -123,6 +158,7 @@ def verify_connection(
                 "missing_permissions": [],
                 "reason_code": None,
                 "message": None,
+                **writes,
             }
         )
     return result
@@ -135,9 +171,16 @@ def checks_table(checks: list[dict[str, Any]]) -> list[tuple[str, ...]]:
             CONTRACTS[c["contract_key"]].title if c["contract_key"] in CONTRACTS else "",
             c["status"],
             ", ".join(c.get("missing_permissions") or []) or (c.get("reason_code") or ""),
+            _write_cell(c),
         )
         for c in checks
     ]
+
+
+def _write_cell(check: dict[str, Any]) -> str:
+    status = check.get("write_status") or ""
+    missing = check.get("write_missing_permissions")
+    return f"{status}: {', '.join(missing)}" if missing else status
 
 
 @dg.asset(
@@ -145,7 +188,8 @@ def checks_table(checks: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     partitions_def=provider_connection_partitions,
     group_name="tenant_readiness",
     description="Per contract: ready, missing_permission (with the permissions to grant) or "
-    "probe_failed (table provider_connection_checks).",
+    "probe_failed, and for policy types whether a restore could write them "
+    "(table provider_connection_checks).",
     kinds={"python", "sql"},
 )
 def provider_connection_checks(
@@ -176,6 +220,7 @@ def provider_connection_checks(
                         ("policy_type", "string"),
                         ("status", "string"),
                         ("to_grant_or_reason", "string"),
+                        ("write", "string"),
                     ),
                     checks_table(result.checks),
                 ),

@@ -45,7 +45,7 @@ from atlas_dagster.graph.transport import (
     bucket_for,
     http_client,
 )
-from atlas_dagster.reasons import GraphError
+from atlas_dagster.reasons import GraphError, WriteUncertain
 from graph_contracts import BATCH_SIZE, CONTRACTS, Contract
 
 log = logging.getLogger("atlas_dagster.graph")
@@ -53,6 +53,10 @@ log = logging.getLogger("atlas_dagster.graph")
 # flight: enough that a slow contract (a settings catalog paging its settings) never idles the
 # others, few enough that a large tenant is not held in memory all at once.
 READ_AHEAD = 2
+# Writes that leave the same result however often they are sent (a PATCH, a PUT, an action that
+# replaces a collection): safe to send again after a lost answer. Creates and actions that add
+# or remove one element are not.
+REPEATABLE_EFFECTS = frozenset({"patch", "replace", "set", "merge", "field", "patch_element"})
 
 
 def path_pattern(contract: Contract) -> re.Pattern[str]:
@@ -256,22 +260,25 @@ class GraphClient:
         )
         return ids
 
-    def _request(
-        self, contract: Contract, url: str, *, body: Any = None, units: int = 1
-    ) -> dict[str, Any]:
-        """Send one request with retries; return its JSON object or raise GraphError."""
-        self._check_url(contract, url)
-        budget = RetryBudget(contract.key, self.stats, self._rng)
-
+    def _auth(self, contract: Contract, units: int, budget: RetryBudget) -> EntraAuth:
         def before_resend(request: httpx.Request, refused: httpx.Response) -> None:
-            # Sending again after a refused token is one more attempt, paced like the others.
+            # Sending again after a refused token is one more attempt, paced like the others
+            # (Graph refused the request before doing anything, so a write may go again too).
             self._answered(contract, units, refused)
             self.stats.count(retries=1)
             budget.attempts += 1
             self._pace(contract, units)
             request.headers["client-request-id"] = str(uuid.uuid4())
 
-        auth = EntraAuth(self._token, before_resend)
+        return EntraAuth(self._token, before_resend)
+
+    def _request(
+        self, contract: Contract, url: str, *, body: Any = None, units: int = 1
+    ) -> dict[str, Any]:
+        """Send one request with retries; return its JSON object or raise GraphError."""
+        self._check_url(contract, url)
+        budget = RetryBudget(contract.key, self.stats, self._rng)
+        auth = self._auth(contract, units, budget)
         while True:
             budget.attempts += 1
             try:
@@ -318,6 +325,89 @@ class GraphClient:
             # Read the body now so that a truncated stream fails here, inside the retry.
             response.read()
             return response
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def write(
+        self,
+        contract_key: str,
+        *,
+        item_id: str | None = None,
+        sub_id: str | None = None,
+        body: Any = None,
+    ) -> dict[str, Any] | None:
+        """Send one write of a write contract; its answer's JSON object (None: no content).
+
+        Paced by the contract's own budget (Intune's writes have one of their own). A 429 is
+        retried after its Retry-After: Graph did nothing. Any other failure of a write that is
+        not safe to repeat (a create, an action that adds) is never sent again: no answer or a
+        5xx raises WriteUncertain, for the caller to look for what may have happened.
+        """
+        contract = self._contract(contract_key)
+        write = contract.write
+        if write is None:
+            raise ValueError(f"{contract_key} is not a write contract")
+        url = self._url(contract, contract.write_path(item_id, sub_id))
+        self._check_url(contract, url)
+        repeatable = write.effect in REPEATABLE_EFFECTS
+        budget = RetryBudget(contract.key, self.stats, self._rng)
+        auth = self._auth(contract, 1, budget)
+        while True:
+            budget.attempts += 1
+            try:
+                response = self._send(contract, url, body, 1, auth)
+            except httpx.TransportError as exc:
+                self.stats.count(requests=1, request_units=1, writes=1)
+                client_request_id = exc.request.headers.get("client-request-id")
+                if not repeatable:
+                    raise WriteUncertain(
+                        reasons.RESTORE_OUTCOME_UNKNOWN,
+                        f"{contract_key}: no answer ({type(exc).__name__}); not sent again, "
+                        "since it may have happened",
+                        contract_key=contract_key,
+                        client_request_id=client_request_id,
+                    ) from None
+                self._sleep(budget.broken_wait(type(exc).__name__, client_request_id))
+                continue
+            ids = self._answered(contract, 1, response)
+            self.stats.count(writes=1)
+            status = response.status_code
+            if status == 429 or (status in RETRY_STATUSES and repeatable):
+                retry_after = response.headers.get("Retry-After")
+                self._sleep(budget.status_wait(status, retry_after, f"HTTP {status}", ids))
+                continue
+            if status >= 500 and not repeatable:
+                raise WriteUncertain(
+                    reasons.RESTORE_OUTCOME_UNKNOWN,
+                    f"{contract_key}: HTTP {status}; not sent again, since it may have happened",
+                    contract_key=contract_key,
+                    status=status,
+                    **ids,
+                )
+            if status >= 400:
+                raise response_error(contract, status, _json_or_none(response), "", ids)
+            data = _json_or_none(response) if response.content else None
+            return data if isinstance(data, dict) else None
+
+    def read_object(self, contract_key: str, item_id: str) -> dict[str, Any] | None:
+        """One object of a writable policy collection as :meth:`read_policies` assembles it
+        (with its details and assignments); None when Graph has no such object."""
+        contract = self._contract(contract_key)
+        read = self._contract(f"{contract_key}.get")
+        try:
+            obj = self._request(read, self._url(read, read.relative_url(item_id)))
+        except GraphError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        obj.pop("@odata.context", None)
+        for detail in contract.per_item_reads:
+            for _, result in self.read_details(detail.contract, [item_id]):
+                if detail.mode == "merge" and isinstance(result, dict):
+                    obj.update({k: v for k, v in result.items() if k != "@odata.context"})
+                else:
+                    obj[detail.key] = result
+        return obj
 
     # -- public reads ----------------------------------------------------------------------
 

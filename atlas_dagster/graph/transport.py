@@ -58,6 +58,8 @@ class GraphStats:
     retries: int = 0
     pages: int = 0
     token_requests: int = 0
+    # Write requests answered (each one also counts in requests and request_units).
+    writes: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()

@@ -98,6 +98,10 @@ def _adopt(
         # one when it starts (see claim).
         pending = rt.identity_hash({"provider_connection_id": conn_id, "target_scope": "all"})
         placeholder = hashlib.sha256(f"adopted:{run.run_id}".encode()).hexdigest()
+    elif rt.identity is Identity.STRICT:
+        # A strict run launched without its row (a restore execution from the UI) holds an
+        # identity of its own, and its job finds nothing to do.
+        placeholder = hashlib.sha256(f"adopted:{run.run_id}".encode()).hexdigest()
     request = StartRequest(
         rt,
         connection_key=partition,

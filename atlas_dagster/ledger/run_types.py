@@ -60,7 +60,8 @@ class Identity(StrEnum):
     DETERMINISTIC = "deterministic"
     # one per start (a nonce), never deduped
     NONCE = "nonce"
-    # schedule + scheduled time, taken once in any status
+    # the run type's strict keys (a schedule and its time, a restore plan), taken once in any
+    # status
     STRICT = "strict"
 
 
@@ -71,6 +72,8 @@ class RunType:
     job_name: str
     asset: str
     needs_schedule: bool = False
+    # A strict identity's context keys.
+    strict_keys: tuple[str, ...] = ("backup_schedule_id", "scheduled_for")
 
     def identity_hash(self, parts: Mapping[str, Any]) -> str:
         """What makes two starts "the same operation" for this run type."""
@@ -82,10 +85,7 @@ class RunType:
         elif self.identity is Identity.NONCE:
             key = {"nonce": parts["nonce"]}
         else:
-            key = {
-                "backup_schedule_id": parts["backup_schedule_id"],
-                "scheduled_for": parts["scheduled_for"],
-            }
+            key = {name: parts[name] for name in self.strict_keys}
         canonical = json.dumps({"type": self.name, **key}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -119,6 +119,15 @@ RUN_TYPES: dict[str, RunType] = {
             "backups",
             needs_schedule=True,
         ),
+        # A plan's identity is its target, backup set and selection (in target_scope).
+        RunType("restore.plan", Identity.DETERMINISTIC, "restore_plan_job", "restore_plan"),
+        RunType(
+            "restore.execute",
+            Identity.STRICT,
+            "restore_execute_job",
+            "restore_execution",
+            strict_keys=("restore_run_id",),
+        ),
     )
 }
 
@@ -146,6 +155,11 @@ class StartRequest:
     scheduled_for: str | None = None
     retry_of: int | None = None
     accept_deletions: bool = False
+    # Restore: the set a plan restores and what it selects (target_scope), the plan an
+    # execution runs.
+    backup_set_id: int | None = None
+    target_scope: str | None = None
+    restore_run_id: int | None = None
     # The mirror's adoption: the run it adopts, and the identity its job takes when it starts.
     adopted_run_id: str | None = None
     pending_identity: str | None = None
@@ -158,6 +172,9 @@ class StartRequest:
             "scheduled_for": self.scheduled_for,
             "retry_of": self.retry_of,
             "accept_deletions": self.accept_deletions or None,
+            "backup_schedule_run_id": self.backup_set_id,
+            "target_scope": self.target_scope,
+            "restore_run_id": self.restore_run_id,
             "pending_identity": self.pending_identity,
         }
         if self.adopted_run_id:

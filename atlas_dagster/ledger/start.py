@@ -98,6 +98,9 @@ def start_operation(
     instance: dg.DagsterInstance | None = None,
     accept_deletions: bool = False,
     console_log_level: str = QUIET_LOG_LEVEL,
+    backup_set_id: int | None = None,
+    target_scope: str | None = None,
+    restore_run_id: int | None = None,
 ) -> StartOutcome:
     """Create the ledger row of one operation and dispatch its run — or, when an active row of
     the same identity exists and its work is alive, return that row and dispatch nothing. A dead
@@ -155,6 +158,9 @@ def start_operation(
         scheduled_for=scheduled_for.isoformat() if scheduled_for else None,
         retry_of=retry_of,
         accept_deletions=accept_deletions,
+        backup_set_id=backup_set_id,
+        target_scope=target_scope,
+        restore_run_id=restore_run_id,
     )
 
     if in_process and instance is None:

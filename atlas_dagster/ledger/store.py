@@ -224,10 +224,12 @@ class OperationLedger:
             ctx.setdefault("target_scope", "all")
         if rt.identity is Identity.NONCE:
             ctx.setdefault("nonce", uuid.uuid4().hex)
-        if rt.identity is Identity.STRICT and not (
-            ctx.get("backup_schedule_id") and ctx.get("scheduled_for")
+        if (
+            rt.identity is Identity.STRICT
+            and identity is None
+            and not all(ctx.get(k) for k in rt.strict_keys)
         ):
-            raise LedgerError("a scheduled backup needs backup_schedule_id and scheduled_for")
+            raise LedgerError(f"a {rt.name} run needs {' and '.join(rt.strict_keys)}")
         digest = identity or rt.identity_hash(ctx)
         now = created_at or schema.utcnow()
         values = {

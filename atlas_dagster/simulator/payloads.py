@@ -330,8 +330,24 @@ def settings_catalog(ctx: Ctx, setting_range: tuple[int, int]) -> dict[str, Any]
 
 
 # Microsoft's ADMX catalogue is global: every definition the simulator generates, in any tenant,
-# can be bound by a write in every simulated tenant.
+# and every presentation of one, can be bound by a write in every simulated tenant.
 ADMX_DEFINITIONS: dict[str, dict[str, Any]] = {}
+ADMX_PRESENTATIONS: dict[str, dict[str, Any]] = {}
+
+
+def admx_presentation(definition_id: str) -> dict[str, Any]:
+    """The text box a definition shows for its value. Its id follows from the definition's, not
+    from the tenant's randomness, so every seeded tenant draws what it drew before it had one."""
+    key = f"groupPolicyDefinitions('{definition_id}')/presentations"
+    return {
+        "@odata.type": G + "groupPolicyPresentationTextBox",
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, key)),
+        "label": "Value",
+        "lastModifiedDateTime": stamp(EPOCH),
+        "defaultValue": "",
+        "required": False,
+        "maxLength": 1023,
+    }
 
 
 def group_policy_configuration(ctx: Ctx) -> dict[str, Any]:
@@ -352,6 +368,8 @@ def group_policy_configuration(ctx: Ctx) -> dict[str, Any]:
             "supportedOn": "At least Windows 10",
         }
         ADMX_DEFINITIONS[definition_id] = definition
+        presentation = admx_presentation(definition_id)
+        ADMX_PRESENTATIONS[presentation["id"]] = presentation
         values.append(
             {
                 "id": guid(r),
@@ -365,6 +383,7 @@ def group_policy_configuration(ctx: Ctx) -> dict[str, Any]:
                         "id": guid(r),
                         **ctx.dates(),
                         "value": f"value-{r.randrange(100)}",
+                        "presentation": dict(presentation),
                     }
                 ]
                 if r.random() < 0.5

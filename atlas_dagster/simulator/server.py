@@ -421,7 +421,10 @@ class GraphSimulator:
         if unknown:
             raise QueryError(f"Query option '{unknown[0]}' is not allowed.")
         expand = parse_expand(values.get("$expand"))
-        allowed = parse_expand(",".join(contract.expand)) if contract.expand else {}
+        # Graph's navigation properties belong to the entity, not to one of the calls the
+        # contracts model on its path.
+        expands = [e for c in _ROUTER.siblings(contract.key) for e in c.expand]
+        allowed = parse_expand(",".join(expands)) if expands else {}
         for name in expand:
             if name not in allowed:
                 raise QueryError(

@@ -24,7 +24,10 @@ REFERENCE_OBJECTS: dict[str, dict[str, dict[str, Any]]] = {
     "endpoint_security_templates.item": p.TEMPLATES
 }
 # What ``<name>@odata.bind`` can point at, by navigation property: Microsoft's catalogues.
-_CATALOGUES: dict[str, dict[str, dict[str, Any]]] = {"definition": p.ADMX_DEFINITIONS}
+_CATALOGUES: dict[str, dict[str, dict[str, Any]]] = {
+    "definition": p.ADMX_DEFINITIONS,
+    "presentation": p.ADMX_PRESENTATIONS,
+}
 # A nested element Graph refuses without this property (after its binds are resolved).
 _ELEMENT_NEEDS = {"assignments": "target", "definitionValues": "definition"}
 _ENTITY = object()  # "answer with the written object"

@@ -19,6 +19,10 @@ from graph_contracts import CONTRACTS
 READY = "ready"
 MISSING_PERMISSION = "missing_permission"
 PROBE_FAILED = "probe_failed"
+# Write readiness only: Graph takes no writes of the collection.
+NOT_WRITABLE = "not_writable"
+
+_WRITE_FIELDS = ("write_status", "write_missing_permissions")
 
 
 def record_checks(
@@ -28,7 +32,9 @@ def record_checks(
     operation_run_id: int | None,
 ) -> None:
     """Upsert check rows: dicts with contract_key, status, missing_permissions, reason_code,
-    message."""
+    message, and optionally write_status and write_missing_permissions. A check without
+    write_status leaves the stored write readiness as it was: the upsert updates only the
+    columns a row carries, and a 403 met by a read says nothing about writes."""
     now = schema.utcnow()
     rows = [
         {
@@ -40,6 +46,7 @@ def record_checks(
             "message": c.get("message"),
             "checked_at": now,
             "operation_run_id": operation_run_id,
+            **({f: c.get(f) for f in _WRITE_FIELDS} if "write_status" in c else {}),
         }
         for c in checks
     ]

@@ -1,0 +1,7 @@
+"""Restore (DESIGN §9): a plan that only reads the target tenant, then the execution of that
+exact plan, once.
+
+``rules.py`` decides (pure: what an object's restorable content is, how items match target
+objects, which references map where, which writes an item takes); ``store.py`` keeps plans and
+items; ``engine.py`` reads and writes the tenant through the one GraphClient.
+"""

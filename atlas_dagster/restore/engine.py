@@ -1,0 +1,814 @@
+"""A restore's I/O: the plan reads the target tenant live and stores what it would do; the
+execution takes the plan once and does exactly that, re-reading each target before its first
+write and reading it back after its last (DESIGN §9)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from atlas_dagster import schema
+from atlas_dagster.graph import GraphClient
+from atlas_dagster.reasons import (
+    FATAL_FOR_ALL_TYPES,
+    PROVIDER_BAD_RESPONSE,
+    PROVIDER_CONNECTION_INVALID,
+    PROVIDER_PERMISSION_DENIED,
+    RESTORE_CONFLICT,
+    RESTORE_OUTCOME_UNKNOWN,
+    RESTORE_PLAN_EXPIRED,
+    RESTORE_REFERENCE_UNMAPPED,
+    RESTORE_UNSUPPORTED,
+    AtlasError,
+    GraphError,
+    WriteUncertain,
+)
+from atlas_dagster.restore import rules
+from atlas_dagster.restore import store as plans
+from atlas_dagster.stores.backups import (
+    SET_COMPLETE,
+    SET_PARTIAL,
+    load_payloads,
+    require_set,
+    set_items,
+)
+from graph_contracts import (
+    CONTRACTS,
+    POLICY_CONTRACTS,
+    Contract,
+    canonical_json,
+    classify,
+    missing_permissions,
+    object_name,
+)
+
+# References a policy names: created before the policies that use them.
+REFERENCE_CONTRACTS = ("scope_tags", "assignment_filters")
+# Results of an execution's items.
+CREATED, UPDATED, UNCHANGED, SKIPPED, BLOCKED = (
+    "created",
+    "updated",
+    "unchanged",
+    "skipped",
+    "blocked",
+)
+CONFLICT, FAILED, OUTCOME_UNKNOWN = "conflict", "failed", "outcome_unknown"
+FAILED_RESULTS = frozenset({CONFLICT, FAILED, OUTCOME_UNKNOWN, BLOCKED})
+
+
+class Log(Protocol):
+    def info(self, msg: str, /) -> object: ...
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a plan restores of its set: contract keys or policy types, source ids, and whether
+    conditional access keeps the backed-up state."""
+
+    types: tuple[str, ...] = ()
+    items: tuple[str, ...] = ()
+    keep_ca_state: bool = False
+
+    def scope(self, backup_set_id: int) -> str:
+        """The plan's identity within its target connection (the ledger's target_scope)."""
+        return "restore:" + canonical_json(
+            {
+                "set": backup_set_id,
+                "types": sorted(self.types),
+                "items": sorted(self.items),
+                "keep_ca_state": self.keep_ca_state,
+            }
+        )
+
+    @classmethod
+    def from_scope(cls, scope: str) -> tuple[int, Selection]:
+        data = json.loads(scope.removeprefix("restore:"))
+        return int(data["set"]), cls(
+            tuple(data["types"]), tuple(data["items"]), bool(data["keep_ca_state"])
+        )
+
+
+@dataclass
+class PlanResult:
+    plan_id: int
+    items: list[dict[str, Any]]
+    summary: dict[str, int]
+
+
+def writable(contract_key: str) -> bool:
+    return CONTRACTS[contract_key].writes is not None
+
+
+def _order(contract_key: str) -> int:
+    keys = (*REFERENCE_CONTRACTS, *POLICY_CONTRACTS)
+    return keys.index(contract_key)
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Backed:
+    contract: Contract
+    external_id: str
+    obj: dict[str, Any]
+    names: dict[str, Any] | None
+    display_name: str | None
+
+
+def _load_backup(
+    engine: Engine, set_id: int, selection: Selection
+) -> tuple[list[_Backed], dict[str, dict[str, Any]]]:
+    """The selected items of a set, and every item of the reference types by id (a policy may
+    name a scope tag or filter the selection leaves out)."""
+    stored = set_items(engine, set_id)
+    payloads = load_payloads(
+        engine,
+        [i.content_hash for i in stored.values()]
+        + [i.assignment_names_hash for i in stored.values() if i.assignment_names_hash],
+    )
+    wanted_types = set(selection.types)
+    wanted_ids = set(selection.items)
+    out: list[_Backed] = []
+    references: dict[str, dict[str, Any]] = {}
+    for (key, external_id), item in sorted(stored.items()):
+        if key not in CONTRACTS:
+            continue
+        obj = json.loads(payloads[item.content_hash])
+        if key in REFERENCE_CONTRACTS:
+            references[f"{key}:{external_id}"] = obj
+        if wanted_types and key not in wanted_types and item.policy_type not in wanted_types:
+            continue
+        if wanted_ids and external_id not in wanted_ids:
+            continue
+        names = payloads.get(item.assignment_names_hash or "")
+        out.append(
+            _Backed(
+                CONTRACTS[key],
+                external_id,
+                obj,
+                json.loads(names) if names else None,
+                item.display_name,
+            )
+        )
+    return out, references
+
+
+def _groups(engine: Engine, conn_id: int) -> tuple[set[str], dict[str, list[str]], dict[str, str]]:
+    """A connection's cached active groups: ids, ids by display name, names by id."""
+    g = schema.directory_groups
+    ids: set[str] = set()
+    by_name: dict[str, list[str]] = {}
+    names: dict[str, str] = {}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(g.c.group_id, g.c.display_name, g.c.deleted_at).where(
+                g.c.provider_connection_id == conn_id
+            )
+        )
+        for r in rows:
+            if r.display_name is not None:
+                names[r.group_id] = r.display_name
+            if r.deleted_at is None:
+                ids.add(r.group_id)
+                by_name.setdefault(r.display_name, []).append(r.group_id)
+    return ids, by_name, names
+
+
+def _referenced_groups(backed: Iterable[_Backed]) -> dict[str, str | None]:
+    """Every group id the items name, with its name from the backup where it holds one."""
+    out: dict[str, str | None] = {}
+    for b in backed:
+        for row in (b.names or {}).get("assignments") or ():
+            if row.get("group_id"):
+                out[row["group_id"]] = row.get("group_name") or out.get(row["group_id"])
+        for a in rules.direct_assignments(b.obj):
+            group = (a.get("target") or {}).get("groupId")
+            if group:
+                out.setdefault(group, None)
+        users = ((b.obj.get("conditions") or {}).get("users")) or {}
+        for key in ("includeGroups", "excludeGroups"):
+            for group in users.get(key) or ():
+                out.setdefault(group, None)
+        for role in b.obj.get("roleAssignments") or ():
+            for key in ("members", "resourceScopes"):
+                for group in role.get(key) or ():
+                    if group != "/":
+                        out.setdefault(group, None)
+    return out
+
+
+def _filter_names(backed: Iterable[_Backed]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for b in backed:
+        for row in (b.names or {}).get("assignments") or ():
+            if row.get("filter_id") and row.get("filter_name"):
+                out[row["filter_id"]] = row["filter_name"]
+    return out
+
+
+def _map_by_name(
+    kind: str,
+    source_id: str,
+    name: str | None,
+    target_ids: set[str],
+    by_name: Mapping[str, list[str]],
+    refs: rules.References,
+    table: dict[str, str],
+    created_here: str | None = None,
+) -> None:
+    if source_id in target_ids:
+        table[source_id] = source_id
+    elif name is not None and len(by_name.get(name, ())) == 1:
+        table[source_id] = by_name[name][0]
+    elif name is not None and len(by_name.get(name, ())) > 1:
+        refs.why_not[source_id] = (
+            f"{len(by_name[name])} {kind}s in the target are named {name!r}: never a guess"
+        )
+    elif created_here is not None:
+        table[source_id] = created_here
+    elif name is None:
+        refs.why_not[source_id] = (
+            f"{kind} {source_id} is not in the target, and its name is unknown"
+        )
+    else:
+        refs.why_not[source_id] = f"no {kind} named {name!r} in the target"
+
+
+class Planner:
+    """Builds one plan: the target read live, each backed-up item matched, mapped and diffed."""
+
+    def __init__(
+        self,
+        client: GraphClient,
+        engine: Engine,
+        *,
+        connection_id: int,
+        source_connection_id: int,
+        source_tenant_id: str | None,
+        log: Log,
+    ):
+        self.client = client
+        self.engine = engine
+        self.connection_id = connection_id
+        self.source_connection_id = source_connection_id
+        self.source_tenant_id = source_tenant_id
+        self.log = log
+
+    def plan(self, set_id: int, selection: Selection, operation_run_id: int | None) -> PlanResult:
+        backup = require_set(self.engine, set_id)
+        if backup.status not in (SET_COMPLETE, SET_PARTIAL):
+            raise AtlasError(
+                PROVIDER_CONNECTION_INVALID,
+                f"backup set #{set_id} is {backup.status}: only a complete or partial set can "
+                "be restored",
+            )
+        claims = self.client.token_claims()
+        tenant = str(claims.get("tid") or self.client.connection.tenant_id or "")
+        roles = [str(r) for r in claims.get("roles") or ()]
+        same_tenant = bool(self.source_tenant_id) and tenant == self.source_tenant_id
+        backed, backed_refs = _load_backup(self.engine, set_id, selection)
+        unknown = [b for b in backed if not writable(b.contract.key)]
+        backed = [b for b in backed if writable(b.contract.key)]
+        keys = sorted({b.contract.key for b in backed} | set(REFERENCE_CONTRACTS), key=_order)
+        targets, read_errors = self._read_targets(keys)
+        refs = self._references(backed, backed_refs, targets, same_tenant)
+        items: list[dict[str, Any]] = []
+        for key in keys:
+            mine = [b for b in backed if b.contract.key == key]
+            if not mine:
+                continue
+            if key in read_errors:
+                err = read_errors[key]
+                items += [
+                    self._row(b, rules.BLOCKED, reason=err.reason_code, message=err.message)
+                    for b in mine
+                ]
+                continue
+            matches = rules.match_items(
+                b.contract if (b := mine[0]) else None,  # type: ignore[arg-type]
+                [m.obj for m in mine],
+                targets[key],
+                same_tenant=same_tenant,
+            )
+            for b, match in zip(mine, matches, strict=True):
+                items.append(self._item(b, match, refs, roles, selection))
+        for b in unknown:
+            items.append(
+                self._row(
+                    b,
+                    rules.SKIP,
+                    reason=RESTORE_UNSUPPORTED,
+                    message=f"Graph takes no writes of {b.contract.title or b.contract.key}",
+                )
+            )
+        for position, item in enumerate(items):
+            item["position"] = position
+        summary = _plan_summary(items)
+        plan_id = plans.save_plan(
+            self.engine,
+            backup_set_id=set_id,
+            source_connection_id=self.source_connection_id,
+            connection_id=self.connection_id,
+            target_tenant_id=tenant,
+            selection={"types": list(selection.types), "items": list(selection.items)},
+            options={"keep_ca_state": selection.keep_ca_state, "same_tenant": same_tenant},
+            operation_run_id=operation_run_id,
+            items=items,
+            summary=summary,
+        )
+        return PlanResult(plan_id, items, summary)
+
+    def _read_targets(
+        self, keys: list[str]
+    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, GraphError]]:
+        targets: dict[str, list[dict[str, Any]]] = {}
+        errors: dict[str, GraphError] = {}
+        with self.client.policy_reads(keys) as reads:
+            for read in reads:
+                if read.error is not None:
+                    if read.error.reason_code in FATAL_FOR_ALL_TYPES:
+                        raise read.error
+                    errors[read.contract_key] = read.error
+                targets[read.contract_key] = read.objects
+        return targets, errors
+
+    def _references(
+        self,
+        backed: list[_Backed],
+        backed_refs: Mapping[str, dict[str, Any]],
+        targets: Mapping[str, list[dict[str, Any]]],
+        same_tenant: bool,
+    ) -> rules.References:
+        from atlas_dagster.assets.directory_groups import run_groups_sync
+
+        refs = rules.References(same_tenant=same_tenant)
+        # The target's groups as they are now (a delta round: cheap when the cache is warm).
+        run_groups_sync(self.engine, self.client, self.connection_id, self.log)
+        group_ids, groups_by_name, _ = _groups(self.engine, self.connection_id)
+        _, _, source_names = _groups(self.engine, self.source_connection_id)
+        for group, name in _referenced_groups(backed).items():
+            _map_by_name(
+                "group",
+                group,
+                name or source_names.get(group),
+                group_ids,
+                groups_by_name,
+                refs,
+                refs.groups,
+            )
+        restored = {(b.contract.key, b.external_id) for b in backed}
+        filter_names = _filter_names(backed)
+        for key, table in (("assignment_filters", refs.filters), ("scope_tags", refs.scope_tags)):
+            contract = CONTRACTS[key]
+            live = targets.get(key, [])
+            ids = {str(t.get("id")) for t in live}
+            by_name: dict[str, list[str]] = {}
+            for t in live:
+                by_name.setdefault(object_name(contract, t) or "", []).append(str(t.get("id")))
+            wanted: set[str] = set()
+            for b in backed:
+                if key == "scope_tags":
+                    wanted.update(str(v) for v in b.obj.get("roleScopeTagIds") or ())
+                else:
+                    for a in rules.direct_assignments(b.obj):
+                        fid = (a.get("target") or {}).get(
+                            "deviceAndAppManagementAssignmentFilterId"
+                        )
+                        if fid not in (None, "", "00000000-0000-0000-0000-000000000000"):
+                            wanted.add(str(fid))
+            for source_id in wanted:
+                obj = backed_refs.get(f"{key}:{source_id}")
+                name = object_name(contract, obj) if obj else filter_names.get(source_id)
+                created_here = (
+                    rules.placeholder(key, source_id) if (key, source_id) in restored else None
+                )
+                _map_by_name(
+                    "assignment filter" if key == "assignment_filters" else "scope tag",
+                    source_id,
+                    name,
+                    ids if same_tenant or source_id == "0" else set(),
+                    by_name,
+                    refs,
+                    table,
+                    created_here,
+                )
+        return refs
+
+    def _row(
+        self,
+        b: _Backed,
+        action: str,
+        *,
+        target_id: str | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+        changes: list[dict[str, Any]] | None = None,
+        writes: list[dict[str, Any]] | None = None,
+        target_hash: str | None = None,
+        planned_view: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "planned_view": planned_view,
+            "contract_key": b.contract.key,
+            "policy_type": classify(b.contract, b.obj).policy_type,
+            "display_name": b.display_name,
+            "source_external_id": b.external_id,
+            "target_external_id": target_id,
+            "action": action,
+            "reason_code": reason,
+            "message": message,
+            "changes": changes or [],
+            "writes": writes or [],
+            "target_hash_at_plan": target_hash,
+        }
+
+    def _item(
+        self,
+        b: _Backed,
+        match: rules.Match,
+        refs: rules.References,
+        roles: list[str],
+        selection: Selection,
+    ) -> dict[str, Any]:
+        contract = b.contract
+        target = match.target
+        target_id = str(target["id"]) if target is not None else None
+        target_hash = rules.view_hash(contract, target) if target is not None else None
+        if match.skipped:
+            return self._row(b, rules.SKIP, reason=RESTORE_UNSUPPORTED, message=match.skipped)
+        if match.blocked:
+            return self._row(b, rules.BLOCKED, reason=RESTORE_CONFLICT, message=match.blocked)
+        mapped = rules.map_references(contract, b.obj, refs)
+        wanted_obj = mapped.obj
+        notes: list[str] = []
+        if contract.key == "conditional_access_policies":
+            note = rules.hold_ca_state(wanted_obj, target, selection.keep_ca_state)
+            if note:
+                notes.append(note)
+        wanted = rules.view(contract, wanted_obj)
+        current = rules.view(contract, target) if target is not None else None
+        if current is not None and canonical_json(current) == canonical_json(wanted):
+            return self._row(
+                b,
+                rules.UNCHANGED,
+                target_id=target_id,
+                message="; ".join(notes) or None,
+                target_hash=target_hash,
+            )
+        action = rules.UPDATE if target is not None else rules.CREATE
+        changes = rules.changes(current, wanted) if current is not None else []
+        common = {"target_id": target_id, "changes": changes, "target_hash": target_hash}
+        skip = rules.skip_reason(contract, b.obj)
+        if skip is None and target is None and contract.writes and contract.writes.create is None:
+            skip = (RESTORE_UNSUPPORTED, f"Graph cannot create {contract.title or contract.key}")
+        if skip is None and target is None:
+            skip = self._template_refusal(contract, b.obj)
+        if skip is not None:
+            return self._row(b, rules.SKIP, reason=skip[0], message=skip[1], **common)
+        if mapped.problems:
+            reason, _ = mapped.problems[0]
+            message = "; ".join(m for _, m in mapped.problems)
+            return self._row(b, rules.BLOCKED, reason=reason, message=message, **common)
+        planned = rules.plan_writes(
+            contract,
+            wanted,
+            current,
+            target,
+            graph_base=self.client.connection.graph_base_url,
+            source_obj=b.obj,
+        )
+        if planned.left:
+            notes.append(
+                "Graph does not take "
+                + ", ".join(planned.left)
+                + f" for this object ({contract.writes.builtin_why if contract.writes else ''})"
+            )
+            if not planned.writes:
+                return self._row(
+                    b, rules.SKIP, reason=RESTORE_UNSUPPORTED, message="; ".join(notes), **common
+                )
+        needed = sorted({p for w in planned.writes for p in CONTRACTS[w.contract_key].permissions})
+        lacking = missing_permissions(needed, roles)
+        if lacking:
+            return self._row(
+                b,
+                rules.BLOCKED,
+                reason=PROVIDER_PERMISSION_DENIED,
+                message=f"the app registration lacks {', '.join(lacking)}",
+                **common,
+            )
+        return self._row(
+            b,
+            action,
+            message="; ".join(notes) or None,
+            writes=[w.to_dict() for w in planned.writes],
+            planned_view=wanted,
+            **common,
+        )
+
+    def _template_refusal(
+        self, contract: Contract, obj: Mapping[str, Any]
+    ) -> tuple[str, str] | None:
+        check = contract.writes.create_requires if contract.writes else None
+        if check is None:
+            return None
+        template_id = obj.get(check.id_from)
+        if not template_id:
+            return RESTORE_UNSUPPORTED, f"the backup names no {check.id_from}"
+        try:
+            found = dict(self.client.read_details(check.contract, [str(template_id)]))
+        except GraphError as exc:
+            if exc.status == 404:
+                return RESTORE_UNSUPPORTED, f"the template {template_id} no longer exists"
+            raise
+        template = found.get(str(template_id)) or {}
+        if template.get(check.field) == check.refused:
+            return (
+                RESTORE_UNSUPPORTED,
+                f"the template {template.get('displayName') or template_id} is deprecated: "
+                "Graph creates no new intents from it",
+            )
+        return None
+
+
+def _plan_summary(items: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {
+        a: 0 for a in (rules.CREATE, rules.UPDATE, rules.UNCHANGED, rules.SKIP, rules.BLOCKED)
+    }
+    held = 0
+    writes = 0
+    for item in items:
+        counts[item["action"]] += 1
+        writes += len(item.get("writes") or ())
+        if item["action"] == rules.UNCHANGED and item.get("message"):
+            held += 1
+    return {**counts, "held_report_only": held, "planned_writes": writes}
+
+
+# --- execution ----------------------------------------------------------------------------------
+
+
+class PlanRefused(AtlasError):
+    """A plan that may not be executed (expired, taken, of another tenant)."""
+
+
+def check_executable(plan: plans.RestorePlan, tenant_id: str | None, now: datetime) -> None:
+    """Why a plan may not be executed now, as a PlanRefused; nothing when it may."""
+    if plan.status != plans.PLANNED:
+        raise PlanRefused(
+            RESTORE_CONFLICT,
+            f"restore plan #{plan.id} is {plan.status}: a plan executes once",
+        )
+    if plan.expired(now):
+        raise PlanRefused(
+            RESTORE_PLAN_EXPIRED,
+            f"restore plan #{plan.id} expired at {plan.expires_at:%Y-%m-%d %H:%M} UTC: make a "
+            "new plan",
+        )
+    if tenant_id is not None and tenant_id != plan.target_tenant_id:
+        raise PlanRefused(
+            PROVIDER_CONNECTION_INVALID,
+            f"restore plan #{plan.id} was made for tenant {plan.target_tenant_id}, but "
+            f"connection {plan.provider_connection!r} now points at tenant {tenant_id}",
+        )
+
+
+@dataclass
+class ItemResult:
+    position: int
+    result: str
+    target_id: str | None = None
+    verified: bool | None = None
+    error: str | None = None
+    reason_code: str | None = None
+    writes_sent: int = 0
+
+
+@dataclass
+class Execution:
+    plan_id: int
+    results: list[ItemResult] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.results:
+            counts[r.result] = counts.get(r.result, 0) + 1
+        counts["verified"] = sum(1 for r in self.results if r.verified)
+        counts["unverified"] = sum(1 for r in self.results if r.verified is False)
+        counts["writes"] = sum(r.writes_sent for r in self.results)
+        return counts
+
+
+class Executor:
+    """Executes one taken plan through the client. Items run side by side, references first;
+    each item's own writes go one after another in the plan's order."""
+
+    def __init__(
+        self,
+        client: GraphClient,
+        engine: Engine,
+        plan: plans.RestorePlan,
+        *,
+        log: Log,
+        sleep: Callable[[float], None] = time.sleep,
+        lookup_waits: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0),
+        readback_waits: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0),
+    ):
+        self.client = client
+        self.engine = engine
+        self.plan = plan
+        self.log = log
+        self.sleep = sleep
+        self.lookup_waits = lookup_waits
+        self.readback_waits = readback_waits
+        self.created: dict[str, str] = {}
+        self._listed: dict[str, set[str]] = {}
+
+    def run(self, items: list[plans.RestoreItem]) -> Execution:
+        execution = Execution(self.plan.id)
+        todo = [i for i in items if i.action in (rules.CREATE, rules.UPDATE)]
+        for item in items:
+            if item.action not in (rules.CREATE, rules.UPDATE):
+                result = {
+                    rules.UNCHANGED: UNCHANGED,
+                    rules.SKIP: SKIPPED,
+                    rules.BLOCKED: BLOCKED,
+                }[item.action]
+                execution.results.append(
+                    ItemResult(
+                        item.position,
+                        result,
+                        item.target_external_id,
+                        reason_code=item.reason_code,
+                        error=item.message,
+                    )
+                )
+                self._record(execution.results[-1])
+        creates = {i.contract_key for i in todo if i.action == rules.CREATE}
+        self._listed = self._list_ids(sorted(creates))
+        phases = [
+            [i for i in todo if i.contract_key in REFERENCE_CONTRACTS],
+            [i for i in todo if i.contract_key not in REFERENCE_CONTRACTS],
+        ]
+        with ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="restore") as pool:
+            for phase in phases:
+                for result in pool.map(self._one, phase):
+                    execution.results.append(result)
+                    self._record(result)
+        execution.results.sort(key=lambda r: r.position)
+        return execution
+
+    def _record(self, result: ItemResult) -> None:
+        plans.record_item(
+            self.engine,
+            self.plan.id,
+            result.position,
+            result=result.result,
+            target_external_id=result.target_id,
+            verified=result.verified,
+            error=result.error,
+            completed_at=schema.utcnow(),
+        )
+
+    def _list_ids(self, contract_keys: list[str]) -> dict[str, set[str]]:
+        """The ids each collection holds before this execution creates anything in it."""
+        out: dict[str, set[str]] = {}
+        for key in contract_keys:
+            out[key] = {str(o.get("id")) for page in self.client.pages(key) for o in page}
+        return out
+
+    def _one(self, item: plans.RestoreItem) -> ItemResult:
+        contract = CONTRACTS[item.contract_key]
+        result = ItemResult(item.position, FAILED, item.target_external_id)
+        try:
+            return self._execute(contract, item, result)
+        except WriteUncertain as exc:
+            result.result, result.reason_code, result.error = (
+                OUTCOME_UNKNOWN,
+                RESTORE_OUTCOME_UNKNOWN,
+                exc.message,
+            )
+        except GraphError as exc:
+            result.result, result.reason_code, result.error = FAILED, exc.reason_code, exc.message
+        except Exception as exc:  # one item's surprise must not stop the others
+            result.result, result.reason_code = FAILED, PROVIDER_BAD_RESPONSE
+            result.error = f"{type(exc).__name__}: {exc}"
+        return result
+
+    def _execute(
+        self, contract: Contract, item: plans.RestoreItem, result: ItemResult
+    ) -> ItemResult:
+        writes, missing = rules.resolve_placeholders(item.writes, self.created)
+        if missing:
+            result.result, result.reason_code = FAILED, RESTORE_REFERENCE_UNMAPPED
+            result.error = (
+                f"an object this restore was to create first was not created ({', '.join(missing)})"
+            )
+            return result
+        if item.action == rules.UPDATE:
+            assert item.target_external_id is not None
+            live = self.client.read_object(contract.key, item.target_external_id)
+            if live is None or rules.view_hash(contract, live) != item.target_hash_at_plan:
+                result.result, result.reason_code = CONFLICT, RESTORE_CONFLICT
+                result.error = (
+                    "the target was deleted since the plan"
+                    if live is None
+                    else "the target changed since the plan: it is not overwritten"
+                )
+                return result
+        target_id = item.target_external_id
+        for n, write in enumerate(writes):
+            key = write["contract_key"]
+            if n == 0 and item.action == rules.CREATE:
+                target_id = self._create(contract, item, write)
+                result.target_id = target_id
+                result.writes_sent += 1
+                if target_id is None:
+                    result.result, result.reason_code = OUTCOME_UNKNOWN, RESTORE_OUTCOME_UNKNOWN
+                    result.error = (
+                        "the create got no answer, and no new object of this name appeared: "
+                        "look in the portal before planning again"
+                    )
+                    return result
+                self.created[rules.placeholder(contract.key, item.source_external_id)] = target_id
+                continue
+            self.client.write(
+                key, item_id=target_id, sub_id=write.get("sub_id"), body=write.get("body")
+            )
+            result.writes_sent += 1
+        result.result = CREATED if item.action == rules.CREATE else UPDATED
+        result.verified = self._verify(contract, item, target_id)
+        if not result.verified:
+            result.error = "read back, it still differs from the backup"
+        return result
+
+    def _create(
+        self, contract: Contract, item: plans.RestoreItem, write: Mapping[str, Any]
+    ) -> str | None:
+        try:
+            answer = self.client.write(
+                write["contract_key"], item_id=write.get("item_id"), body=write.get("body")
+            )
+        except WriteUncertain:
+            return self._find_created(contract, item)
+        if not answer or not answer.get("id"):
+            # Graph answered without the object: find it rather than create it again.
+            return self._find_created(contract, item)
+        return str(answer["id"])
+
+    def _find_created(self, contract: Contract, item: plans.RestoreItem) -> str | None:
+        """The object a create whose answer was lost made: same type and name, not among the
+        ids the collection held before. Looked for a while (Graph replicates); None when it
+        does not appear, or when more than one does."""
+        before = self._listed.get(contract.key, set())
+        mine = set(self.created.values())
+        for wait in self.lookup_waits:
+            if wait:
+                self.sleep(wait)
+            found = [
+                str(o.get("id"))
+                for page in self.client.pages(contract.key)
+                for o in page
+                if str(o.get("id")) not in before
+                and str(o.get("id")) not in mine
+                and object_name(contract, o) == item.display_name
+            ]
+            if len(found) == 1:
+                self.log.info(f"the create of {item.display_name!r} happened: found {found[0]}")
+                return found[0]
+            if len(found) > 1:
+                return None
+        return None
+
+    def _verify(self, contract: Contract, item: plans.RestoreItem, target_id: str | None) -> bool:
+        """Read the target back and compare it with what the plan wanted (allowing Graph a
+        moment to replicate)."""
+        if target_id is None:
+            return False
+        wanted = self._wanted(item)
+        if wanted is None:
+            return False
+        for wait in self.readback_waits:
+            if wait:
+                self.sleep(wait)
+            live = self.client.read_object(contract.key, target_id)
+            if live is not None and canonical_json(rules.view(contract, live)) == canonical_json(
+                wanted
+            ):
+                return True
+        return False
+
+    def _wanted(self, item: plans.RestoreItem) -> dict[str, Any] | None:
+        if item.planned_view is None:
+            return None
+        resolved, _ = rules.resolve_placeholders(item.planned_view, self.created)
+        return resolved
