@@ -94,6 +94,10 @@ class Write:
     match_field: str = "id"
     delta_keys: tuple[str, ...] = ()
     id_from: str | None = None
+    # Navigation properties an element names by ``<name>@odata.bind``: the path (after the
+    # version root) each binds to, ``{id}`` the bound object's and ``{definition}`` its
+    # definition's id.
+    binds: tuple[tuple[str, str], ...] = ()
 
     @property
     def body_keys(self) -> tuple[str, ...]:
@@ -1070,6 +1074,13 @@ _WRITES: dict[str, WriteContract] = {
                 204,
                 "definitionValues",
                 delta_keys=("added", "updated", "deletedIds"),
+                binds=(
+                    ("definition", f"{DM}/groupPolicyDefinitions('{{id}}')"),
+                    (
+                        "presentation",
+                        f"{DM}/groupPolicyDefinitions('{{definition}}')/presentations('{{id}}')",
+                    ),
+                ),
             ),
         ),
         read_only=("policyConfigurationIngestionType",),

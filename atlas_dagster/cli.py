@@ -470,6 +470,8 @@ def cmd_restore_plan(args: argparse.Namespace) -> int:
 
     engine = ready_engine(config)
     backup = _backup_store_call(require_set, engine, args.set)
+    if backup.status not in ("complete", "partial"):
+        raise UsageError(f"backup set #{backup.id} is {backup.status}: it cannot be restored")
     connection = args.connection or backup.provider_connection
     selection = Selection(_csv_arg(args.types), _csv_arg(args.items), args.keep_ca_state)
     from graph_contracts import CONTRACTS, POLICY_CONTRACTS, classify

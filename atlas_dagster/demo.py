@@ -14,6 +14,7 @@ from atlas_dagster.db import ready_engine
 from atlas_dagster.ledger.run_types import Outcome
 from atlas_dagster.ledger.start import ensure_dagster_home, job_names, start_operation
 from atlas_dagster.ledger.store import OperationLedger
+from atlas_dagster.restore.engine import Selection
 
 SUMMARY_TABLES = (
     "provider_connections",
@@ -24,6 +25,8 @@ SUMMARY_TABLES = (
     "backup_sets",
     "backup_items",
     "backup_payloads",
+    "restore_plans",
+    "restore_items",
     "operation_runs",
 )
 
@@ -37,9 +40,15 @@ def _steps(config: AtlasConfig) -> list[tuple[str, str, dict[str, Any]]]:
             (f"sync inventory of {conn.key}", "inventory.sync", {"connection": conn.key}),
         ]
     for sched in config.backup_schedules:
-        steps.append(
-            (f"back up now ({sched.key})", "backup_schedule.run_now", {"schedule": sched.key})
-        )
+        steps += [
+            (f"back up now ({sched.key})", "backup_schedule.run_now", {"schedule": sched.key}),
+            # What restoring that backup would do now: a plan reads, it writes nothing.
+            (
+                f"plan a restore of that backup ({sched.key})",
+                "restore.plan",
+                {"connection": sched.provider_connection, "plan_of": sched.key},
+            ),
+        ]
     return steps
 
 
@@ -57,9 +66,16 @@ def run_demo(config: AtlasConfig, out=sys.stdout) -> int:
     )
     print(f"Dagster instance: {home}", file=out)
     worst = 0
+    sets: dict[str, int] = {}
     for n, (label, run_type, kwargs) in enumerate(steps, 1):
         print(f"[{n}/{len(steps)}] {label} …", end="", flush=True, file=out)
         started = time.monotonic()
+        if "plan_of" in kwargs:
+            backup_set = sets.get(kwargs.pop("plan_of"))
+            if backup_set is None:
+                print(" skipped (the backup made no set)", file=out)
+                continue
+            kwargs.update(backup_set_id=backup_set, target_scope=Selection().scope(backup_set))
         outcome = start_operation(
             config, run_type, defs=defs, in_process=True, trigger_source="demo", **kwargs
         )
@@ -72,6 +88,8 @@ def run_demo(config: AtlasConfig, out=sys.stdout) -> int:
         )
         if row.outcome in (Outcome.FAILED, Outcome.CANCELLED):
             worst = 1
+        if run_type == "backup_schedule.run_now" and row.context.get("backup_schedule_run_id"):
+            sets[kwargs["schedule"]] = int(row.context["backup_schedule_run_id"])
     _summary(engine, out)
     return worst
 
@@ -93,6 +111,7 @@ def _summary(engine: sa.Engine, out) -> None:
         "\nWhere to look next:\n"
         "  .venv/bin/atlas-dagster runs             the ledger (add --json for machines)\n"
         "  .venv/bin/atlas-dagster backups list     backup sets; backups diff A B; backups export\n"
+        "  .venv/bin/atlas-dagster restore show 1   what restoring the backup would do\n"
         "  DAGSTER_HOME=$PWD/.atlas/dagster .venv/bin/dagster dev -w workspace.yaml\n"
         "                                           these runs, assets, checks and metadata in the UI\n"
         "  .venv/bin/python -c 'from atlas_dagster import analytics; "

@@ -20,7 +20,7 @@ def test_demo_runs_every_operation_on_the_embedded_default(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     steps = re.findall(r"\[(\d)/(\d)\] (.+?) … (\w+)", done.stdout)
-    assert [s[3] for s in steps] == ["succeeded"] * 4
+    assert [s[3] for s in steps] == ["succeeded"] * 5
     assert {"verify contoso-demo", "sync groups of contoso-demo"} <= {s[2] for s in steps}
     assert "Rows per table:" in done.stdout and "Where to look next:" in done.stdout
     assert (tmp_path / ".atlas" / "dagster" / "dagster.yaml").exists()
@@ -35,7 +35,11 @@ def test_demo_runs_every_operation_on_the_embedded_default(tmp_path):
                 ("directory_groups.sync", "completed", "succeeded"),
                 ("inventory.sync", "completed", "succeeded"),
                 ("backup_schedule.run_now", "completed", "succeeded"),
+                ("restore.plan", "completed", "succeeded"),
             ]
         )
         assert conn.exec_driver_sql("SELECT count(*) FROM v_assignments_readable").scalar() > 0
+        # Nothing changed since the backup: the plan has nothing to do.
+        actions = conn.exec_driver_sql("SELECT DISTINCT action FROM restore_items").fetchall()
+        assert actions == [("unchanged",)]
     engine.dispose()

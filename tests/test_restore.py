@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from atlas_dagster import cli, db
+from atlas_dagster import cli, db, schema
 from atlas_dagster.config import load_config
 from atlas_dagster.connections import ensure_partitions
 from atlas_dagster.definitions import build_definitions
@@ -31,13 +32,13 @@ from atlas_dagster.simulator import (
     GraphSimulator,
     SimulatedTenant,
     install_simulator,
+    portal,
     uninstall_simulator,
 )
 from atlas_dagster.simulator import payloads as p
 from graph_contracts import CONTRACTS, all_permissions, content_hash, write_permissions
 
 READ_WRITE = [*all_permissions(), *write_permissions()]
-ENCRYPTED_PROFILE = "WIN - Custom - Encrypted Wi-Fi key"
 
 CONFIG = """\
 database_url: {url}
@@ -117,34 +118,6 @@ def writes_seen(sim: GraphSimulator) -> int:
     )
 
 
-def _encrypted_profile() -> dict[str, Any]:
-    # A custom profile whose OMA value Graph returns masked (isEncrypted).
-    return {
-        "@odata.type": "#microsoft.graph.windows10CustomConfiguration",
-        "displayName": ENCRYPTED_PROFILE,
-        "description": "",
-        "roleScopeTagIds": ["0"],
-        "omaSettings": [
-            {
-                "@odata.type": "#microsoft.graph.omaSettingString",
-                "displayName": "Wi-Fi key",
-                "omaUri": "./Vendor/MSFT/WiFi/Profile/Corp/WlanXml",
-                "isEncrypted": True,
-                "secretReferenceValueId": "5b0e2f4a-1111-4c3b-9d7e-000000000001",
-                "value": "****",
-            },
-            {
-                "@odata.type": "#microsoft.graph.omaSettingString",
-                "displayName": "Plain",
-                "omaUri": "./Device/Vendor/MSFT/Policy/Config/Custom/Plain",
-                "isEncrypted": False,
-                "value": "1",
-            },
-        ],
-        "assignments": [],
-    }
-
-
 @pytest.fixture
 def env(tmp_path, database_url, monkeypatch) -> Any:
     sims = {
@@ -165,14 +138,6 @@ def env(tmp_path, database_url, monkeypatch) -> Any:
         uninstall_simulator(key)
 
 
-def _stored(tenant: SimulatedTenant, key: str) -> list[dict[str, Any]]:
-    return [
-        o
-        for o in tenant.stored_policies(key)
-        if not o.get("isBuiltIn") and not o.get("isGlobalScript")
-    ]
-
-
 def _snapshot(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
     out = {}
     for key in CONTRACTS:
@@ -184,133 +149,12 @@ def _snapshot(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
     return out
 
 
-def _portal_edits(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
-    """25 changes an admin makes in the portal after the backup: what each did, by the
-    backed-up object it changed."""
-    done: dict[tuple[str, str], str] = {}
-
-    def pick(key: str, n: int, test=lambda o: True) -> dict[str, Any]:
-        candidates = [o for o in _stored(tenant, key) if (key, o["id"]) not in done and test(o)]
-        return copy.deepcopy(candidates[n])
-
-    def edit(key: str, obj: dict[str, Any], what: str, **changes: Any) -> None:
-        tenant.update_policy(key, obj["id"], changes)
-        done[(key, obj["id"])] = what
-
-    # Ten deletions of mixed types.
-    deprecated = {t for t, v in p.TEMPLATES.items() if v.get("isDeprecated")}
-    for key, test in (
-        ("settings_catalog", lambda o: True),
-        ("group_policy_configurations", lambda o: True),
-        ("compliance_policies", lambda o: True),
-        ("conditional_access_policies", lambda o: o.get("state") == "enabled"),
-        ("powershell_scripts", lambda o: True),
-        ("app_protection_ios", lambda o: True),
-        ("endpoint_security_intents", lambda o: o.get("templateId") not in deprecated),
-        ("device_configurations", lambda o: o.get("displayName") == ENCRYPTED_PROFILE),
-        ("notification_templates", lambda o: True),
-        ("mobile_app_configurations", lambda o: True),
-    ):
-        obj = pick(key, 0, test)
-        tenant.delete_policy(key, obj["id"])
-        done[(key, obj["id"])] = "deleted"
-    # Ten edits.
-    obj = pick("device_configurations", 0, lambda o: "omaSettings" not in o)
-    edit("device_configurations", obj, "displayName", displayName=obj["displayName"] + " (old)")
-    obj = pick("settings_catalog", 0, lambda o: len(o["settings"]) >= 2)
-    settings = copy.deepcopy(obj["settings"])
-    instance = settings[0]["settingInstance"]
-    instance["choiceSettingValue" if "choiceSettingValue" in instance else "simpleSettingValue"] = {
-        "@odata.type": "#microsoft.graph.deviceManagementConfigurationStringSettingValue",
-        "value": "changed in the portal",
-    }
-    edit("settings_catalog", obj, "settings", settings=settings)
-    obj = pick("settings_catalog", 0, lambda o: len(o["settings"]) >= 2)
-    edit("settings_catalog", obj, "settings", settings=obj["settings"][1:])
-    obj = pick("group_policy_configurations", 0, lambda o: len(o["definitionValues"]) >= 1)
-    values = copy.deepcopy(obj["definitionValues"])
-    values[0]["enabled"] = not values[0]["enabled"]
-    edit("group_policy_configurations", obj, "definitionValues", definitionValues=values)
-    obj = pick("conditional_access_policies", 0, lambda o: o.get("state") == "enabled")
-    edit("conditional_access_policies", obj, "state", state="disabled")
-    obj = pick("powershell_scripts", 0)
-    edit("powershell_scripts", obj, "scriptContent", scriptContent="V3JpdGUtSG9zdCAiZWRpdGVkIg==")
-    obj = pick("compliance_policies", 0)
-    edit("compliance_policies", obj, "description", description="edited in the portal")
-    obj = pick("app_protection_android", 0)
-    edit("app_protection_android", obj, "pinRequired", pinRequired=not obj.get("pinRequired"))
-    # An intent of a deprecated template can still be edited (and so restored in place).
-    obj = pick("endpoint_security_intents", 0)
-    settings = copy.deepcopy(obj["settings"])
-    settings[0]["value"] = not settings[0]["value"]
-    settings[0]["valueJson"] = json.dumps(settings[0]["value"])
-    edit("endpoint_security_intents", obj, "settings", settings=settings)
-    obj = pick("assignment_filters", 0)
-    edit("assignment_filters", obj, "rule", rule='(device.osVersion -startsWith "11")')
-    # Five assignment changes.
-    groups = [g["id"] for g in list(tenant.groups())[:40]]
-
-    def assignments(key: str, n: int, test) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        obj = pick(key, n, test)
-        return obj, copy.deepcopy(obj["assignments"])
-
-    obj, current = assignments("compliance_policies", 0, lambda o: len(o["assignments"]) >= 2)
-    edit("compliance_policies", obj, "assignments", assignments=current[1:])
-    obj, current = assignments("device_configurations", 0, lambda o: "omaSettings" not in o)
-    used = {(a["target"].get("groupId")) for a in current}
-    new_group = next(g for g in groups if g not in used)
-    target = {"@odata.type": "#microsoft.graph.groupAssignmentTarget", "groupId": new_group}
-    current.append(p.make_assignment("device_configurations", obj["id"], target))
-    edit("device_configurations", obj, "assignments", assignments=current)
-    has_group = lambda o: any(a["target"].get("groupId") for a in o["assignments"])  # noqa: E731
-    obj, current = assignments("app_protection_windows", 0, has_group)
-    moved = next(a for a in current if a["target"].get("groupId"))
-    used = {a["target"].get("groupId") for a in current}
-    moved["target"]["groupId"] = next(g for g in groups if g not in used)
-    edit("app_protection_windows", obj, "assignments", assignments=current)
-    obj, current = assignments("app_protection_mdm_wip", 0, lambda o: len(o["assignments"]) >= 1)
-    edit("app_protection_mdm_wip", obj, "assignments", assignments=[])
-    obj, current = assignments(
-        "device_health_scripts", 0, lambda o: any("runSchedule" in a for a in o["assignments"])
-    )
-    current[0]["runSchedule"] = {
-        "@odata.type": "#microsoft.graph.deviceHealthScriptDailySchedule",
-        "interval": 2,
-        "time": "11:00:00.0000000",
-        "useUtc": True,
-    }
-    edit("device_health_scripts", obj, "assignments", assignments=current)
-    return done
-
-
-def _before_backup(tenant: SimulatedTenant) -> None:
-    tenant.add_policy("device_configurations", _encrypted_profile())
-    script = _stored(tenant, "device_health_scripts")[0]
-    current = copy.deepcopy(script["assignments"]) or [
-        p.make_assignment(
-            "device_health_scripts",
-            script["id"],
-            {
-                "@odata.type": "#microsoft.graph.groupAssignmentTarget",
-                "groupId": next(tenant.groups())["id"],
-            },
-        )
-    ]
-    current[0]["runSchedule"] = {
-        "@odata.type": "#microsoft.graph.deviceHealthScriptDailySchedule",
-        "interval": 1,
-        "time": "09:00:00.0000000",
-        "useUtc": False,
-    }
-    tenant.set_assignments("device_health_scripts", script["id"], current)
-
-
 def test_a_plan_lists_exactly_the_25_changes_and_an_execution_puts_them_back_once(env):
     sim, tenant = env.sims["contoso"], env.tenant
-    _before_backup(tenant)
+    portal.prepare(tenant)
     set_id = env.backup()
     backed_up = Counter(key for key, _ in _snapshot(tenant))
-    edits = _portal_edits(tenant)
+    edits = portal.edit(tenant)
     assert len(edits) == 25
 
     writes = writes_seen(sim)
@@ -383,3 +227,307 @@ def test_a_plan_lists_exactly_the_25_changes_and_an_execution_puts_them_back_onc
     assert sorted(i.source_external_id for i in still_held) == sorted(
         i.source_external_id for i in held
     )
+
+
+# --- matching ------------------------------------------------------------------------------------
+
+
+def _same_name_pair(tenant: SimulatedTenant) -> list[dict[str, Any]]:
+    base = next(o for o in tenant.policies("compliance_policies"))
+    pair = []
+    for n in range(2):
+        obj = copy.deepcopy(base)
+        obj.pop("id")
+        obj.update(displayName="WIN - Compliance - Same name", description=f"copy {n}")
+        pair.append(tenant.add_policy("compliance_policies", obj))
+    return pair
+
+
+def test_two_policies_of_one_name_are_each_restored_to_their_own_content(env):
+    tenant = env.tenant
+    pair = _same_name_pair(tenant)
+    set_id = env.backup()
+    # Each edited, one the other's way round: matched by id, never by the shared name.
+    tenant.update_policy("compliance_policies", pair[0]["id"], {"description": "copy 1"})
+    tenant.update_policy("compliance_policies", pair[1]["id"], {"description": "copy 0"})
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    updates = {i.source_external_id: i for i in env.items(plan_id) if i.action == rules.UPDATE}
+    assert set(updates) == {pair[0]["id"], pair[1]["id"]}
+    assert all(i.target_external_id == i.source_external_id for i in updates.values())
+    assert env.execute(plan_id).outcome == "succeeded"
+    live = {o["id"]: o for o in tenant.policies("compliance_policies")}
+    assert [live[o["id"]]["description"] for o in pair] == ["copy 0", "copy 1"]
+    assert sum(o["displayName"] == pair[0]["displayName"] for o in live.values()) == 2
+
+
+def test_a_deleted_twin_is_created_again_and_the_other_is_left_alone(env):
+    tenant = env.tenant
+    pair = _same_name_pair(tenant)
+    set_id = env.backup()
+    tenant.delete_policy("compliance_policies", pair[1]["id"])
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    listed = {i.source_external_id: i for i in env.items(plan_id)}
+    # The survivor is matched by id, so the deleted one has no candidate left: a create.
+    assert listed[pair[0]["id"]].action == rules.UNCHANGED
+    assert listed[pair[1]["id"]].action == rules.CREATE
+    assert env.execute(plan_id).outcome == "succeeded"
+    named = [
+        o
+        for o in tenant.policies("compliance_policies")
+        if o["displayName"] == pair[0]["displayName"]
+    ]
+    assert sorted(o["description"] for o in named) == ["copy 0", "copy 1"]
+
+
+def test_matching_by_name_never_guesses():
+    contract = CONTRACTS["compliance_policies"]
+    item = {"id": "a", "displayName": "Same", "@odata.type": "#microsoft.graph.iosCompliancePolicy"}
+    twins = [{**item, "id": "t1"}, {**item, "id": "t2"}]
+    [match] = rules.match_items(contract, [item], twins, same_tenant=False)
+    assert match.target is None and "2 target objects" in (match.blocked or "")
+    # Two items wanting the one candidate: neither gets it.
+    other = {**item, "id": "b"}
+    matches = rules.match_items(contract, [item, other], twins[:1], same_tenant=False)
+    assert all(m.target is None and m.blocked for m in matches)
+    # A target another item matched by id is not a name candidate.
+    matches = rules.match_items(contract, [item, {**item, "id": "t1"}], twins[:1], same_tenant=True)
+    assert matches[0] == rules.Match(None) and matches[1].target == twins[0]
+
+
+# --- across tenants ------------------------------------------------------------------------------
+
+
+def test_a_set_restored_into_another_tenant_maps_groups_by_name_or_blocks(env):
+    source, target = env.tenant, env.sims["fabrikam"].tenant
+    names_there = {g["displayName"] for g in target.groups()}
+    mapped, unmapped = source.policies("compliance_policies")[:2]
+    groups = [g for g in source.groups() if g["displayName"] not in names_there][:2]
+    for obj, group in zip((mapped, unmapped), groups, strict=True):
+        target_ = {"@odata.type": "#microsoft.graph.groupAssignmentTarget", "groupId": group["id"]}
+        assignment = p.make_assignment("compliance_policies", obj["id"], target_)
+        source.set_assignments("compliance_policies", obj["id"], [assignment])
+    # The first group's name exists in the target once; the second's not at all.
+    twin = target.add_group(groups[0]["displayName"])
+    assert env.start("directory_groups.sync").outcome == "succeeded"  # names for the backup
+    set_id = env.backup()
+
+    plan_id = env.plan(set_id, connection="fabrikam", items=(mapped["id"], unmapped["id"]))
+    items = {i.source_external_id: i for i in env.items(plan_id)}
+    assert items[mapped["id"]].action == rules.CREATE, items[mapped["id"]].message
+    assert (items[unmapped["id"]].action, items[unmapped["id"]].reason_code) == (
+        rules.BLOCKED,
+        "restore_group_unmapped",
+    )
+    before = Counter(o["displayName"] for o in target.policies("compliance_policies"))
+    row = env.execute(plan_id, connection="fabrikam")
+    assert row.outcome == "partially_succeeded"
+    assert [f["reason_code"] for f in row.failure_summary] == ["restore_group_unmapped"]
+    created = [
+        o
+        for o in target.policies("compliance_policies")
+        if o["displayName"] == mapped["displayName"]
+    ]
+    assert len(created) == before[mapped["displayName"]] + 1
+    groups = {a["target"].get("groupId") for a in created[-1]["assignments"]} - {None}
+    assert groups == {twin["id"]}
+    assert not any(
+        o["displayName"] == unmapped["displayName"]
+        for o in target.policies("compliance_policies")
+        if o["displayName"] not in before
+    )
+    assert env.sims["contoso"].stats.per_contract["compliance_policies.create"] == 0
+
+
+# --- safety --------------------------------------------------------------------------------------
+
+
+def test_a_target_edited_between_plan_and_execute_ends_in_conflict_and_is_not_written(env):
+    tenant = env.tenant
+    set_id = env.backup()
+    first, second = tenant.policies("compliance_policies")[:2]
+    for obj in (first, second):
+        tenant.update_policy("compliance_policies", obj["id"], {"description": "portal"})
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    tenant.update_policy("compliance_policies", first["id"], {"description": "edited again"})
+    row = env.execute(plan_id)
+    assert row.outcome == "partially_succeeded"
+    assert [f["reason_code"] for f in row.failure_summary] == ["restore_conflict"]
+    results = {i.source_external_id: i.result for i in env.items(plan_id)}
+    assert results[first["id"]] == "conflict" and results[second["id"]] == "updated"
+    live = {o["id"]: o for o in tenant.policies("compliance_policies")}
+    assert live[first["id"]]["description"] == "edited again"
+    assert live[second["id"]]["description"] == second["description"]
+
+
+@pytest.mark.parametrize("fault", ["drop_response", "timeout"])
+def test_a_create_whose_answer_is_lost_is_never_sent_twice(env, monkeypatch, fault):
+    from atlas_dagster.restore import engine
+
+    monkeypatch.setattr(engine, "LOOKUP_WAITS", (0.0, 0.01))
+    sim, tenant = env.sims["contoso"], env.tenant
+    set_id = env.backup()
+    gone = tenant.policies("compliance_policies")[0]
+    tenant.delete_policy("compliance_policies", gone["id"])
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    count = len(tenant.policies("compliance_policies"))
+    # drop_response: the create happens and its answer is lost; timeout: it never arrives.
+    sim.faults.once("deviceCompliancePolicies", fault, writes_only=True)
+    row = env.execute(plan_id)
+    assert sim.stats.per_contract["compliance_policies.create"] == 1, "never re-sent"
+    [item] = [i for i in env.items(plan_id) if i.action == rules.CREATE]
+    if fault == "drop_response":
+        assert row.outcome == "succeeded"
+        assert (item.result, item.verified) == ("created", True)
+        assert len(tenant.policies("compliance_policies")) == count + 1
+        assert item.target_external_id in {o["id"] for o in tenant.policies("compliance_policies")}
+    else:
+        assert row.outcome == "partially_succeeded"
+        assert item.result == "outcome_unknown"
+        assert [f["reason_code"] for f in row.failure_summary] == ["restore_outcome_unknown"]
+        assert len(tenant.policies("compliance_policies")) == count
+
+
+def test_a_connection_re_pointed_at_another_tenant_refuses_the_plan(env, monkeypatch):
+    set_id = env.backup()
+    env.tenant.delete_policy(
+        "compliance_policies", env.tenant.policies("compliance_policies")[0]["id"]
+    )
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    elsewhere = GraphSimulator(SimulatedTenant.generate("small", 4), granted_roles=READ_WRITE)
+    install_simulator("contoso", elsewhere)
+    env.cfg.write_text(env.cfg.read_text().replace("seed: 3", "seed: 4"))
+    code, _, err = env.cli(
+        "restore", "execute", "--plan", str(plan_id), "--confirm", "--in-process"
+    )
+    assert code == 2 and "now points at tenant" in err
+    assert writes_seen(elsewhere) == writes_seen(env.sims["contoso"]) == 0
+    assert plans.get_plan(env.engine, plan_id).status == "planned"
+
+
+def test_a_read_only_app_plans_blocked_items_and_executes_no_write(env):
+    sim, tenant = env.sims["contoso"], env.tenant
+    sim.granted_roles = all_permissions()
+    set_id = env.backup()
+    ca = next(o for o in tenant.policies("conditional_access_policies"))
+    tenant.delete_policy("conditional_access_policies", ca["id"])
+    policy = tenant.policies("compliance_policies")[0]
+    tenant.update_policy("compliance_policies", policy["id"], {"description": "portal"})
+    plan_id = env.plan(set_id, types=("compliance_policies", "conditional_access_policies"))
+    blocked = {i.contract_key: i for i in env.items(plan_id) if i.action == rules.BLOCKED}
+    assert set(blocked) == {"compliance_policies", "conditional_access_policies"}
+    assert all(i.reason_code == "provider_permission_denied" for i in blocked.values())
+    assert "DeviceManagementConfiguration.ReadWrite.All" in blocked["compliance_policies"].message
+    # Creating a CA policy takes three permissions: the two the reads lack are named.
+    assert "Policy.ReadWrite.ConditionalAccess" in blocked["conditional_access_policies"].message
+    assert "Application.Read.All" in blocked["conditional_access_policies"].message
+    row = env.execute(plan_id)
+    assert row.outcome == "partially_succeeded"
+    assert writes_seen(sim) == 0
+
+
+def test_execute_refuses_without_confirm_expired_or_of_another_connection(env):
+    sim = env.sims["contoso"]
+    set_id = env.backup()
+    env.tenant.delete_policy(
+        "compliance_policies", env.tenant.policies("compliance_policies")[0]["id"]
+    )
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    code, _, err = env.cli("restore", "execute", "--plan", str(plan_id), "--in-process")
+    assert code == 2 and "--confirm" in err
+    code, _, err = env.cli(
+        "restore", "execute", "--plan", str(plan_id), "--confirm", "--connection", "fabrikam"
+    )
+    assert code == 2 and "restores into 'contoso'" in err
+    code, _, err = env.cli("restore", "execute", "--plan", "999", "--confirm")
+    assert code == 2 and "no restore plan #999" in err
+    with env.engine.begin() as conn:
+        conn.execute(
+            schema.restore_plans.update()
+            .where(schema.restore_plans.c.id == plan_id)
+            .values(expires_at=schema.utcnow() - timedelta(seconds=1))
+        )
+    code, _, err = env.cli(
+        "restore", "execute", "--plan", str(plan_id), "--confirm", "--in-process"
+    )
+    assert code == 2 and "expired" in err
+    assert writes_seen(sim) == 0
+    assert not [r for r in _runs(env) if r["type"] == "restore.execute"]
+
+
+def _runs(env: Env) -> list[dict[str, Any]]:
+    code, out, _ = env.cli("runs", "--json")
+    assert code == 0
+    return json.loads(out)["operation_runs"]
+
+
+def test_a_plan_is_taken_once(env):
+    set_id = env.backup()
+    plan_id = env.plan(set_id, types=("device_categories",))
+    now = schema.utcnow()
+    assert plans.take(env.engine, plan_id, 1, now) is True
+    assert plans.take(env.engine, plan_id, 2, now) is False
+    assert plans.get_plan(env.engine, plan_id).execute_operation_run_id == 1
+
+
+def test_runs_of_the_execute_job_without_their_plan_write_nothing(env):
+    sim, tenant = env.sims["contoso"], env.tenant
+    set_id = env.backup()
+    tenant.delete_policy("compliance_policies", tenant.policies("compliance_policies")[0]["id"])
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    job = env.defs.resolve_job_def("restore_execute_job")
+    # Launched from the UI: no row, no plan.
+    result = job.execute_in_process(
+        instance=env.instance, partition_key="contoso", raise_on_error=False
+    )
+    assert not result.success
+    assert writes_seen(sim) == 0
+    row = env.execute(plan_id)
+    assert row.outcome == "succeeded" and writes_seen(sim) > 0
+    written = writes_seen(sim)
+    # A re-execution or retry copies the original run's tags: it finds the plan taken.
+    tags = env.instance.get_run_by_id(row.dagster_run_id).tags
+    again = job.execute_in_process(
+        instance=env.instance,
+        partition_key="contoso",
+        tags={k: v for k, v in tags.items() if k.startswith("atlas/")},
+        raise_on_error=False,
+    )
+    assert not again.success
+    assert writes_seen(sim) == written
+
+
+def test_plan_show_and_execute_speak_json(env):
+    set_id = env.backup()
+    env.tenant.delete_policy(
+        "compliance_policies", env.tenant.policies("compliance_policies")[0]["id"]
+    )
+    code, out, _ = env.cli(
+        "restore",
+        "plan",
+        "--set",
+        str(set_id),
+        "--types",
+        "compliance_policies",
+        "--in-process",
+        "--json",
+    )
+    assert code == 0
+    answer = json.loads(out)
+    assert answer["created"] and answer["operation_run"]["type"] == "restore.plan"
+    plan = answer["restore_plan"]
+    assert plan["status"] == "planned" and plan["summary_counts"]["create"] == 1
+    assert [i["action"] for i in plan["items"]].count("create") == 1
+    code, out, _ = env.cli("restore", "show", str(plan["id"]), "--json")
+    assert code == 0 and json.loads(out)["restore_plan"]["id"] == plan["id"]
+    code, out, _ = env.cli(
+        "restore", "execute", "--plan", str(plan["id"]), "--confirm", "--in-process", "--json"
+    )
+    assert code == 0
+    done = json.loads(out)
+    assert done["operation_run"]["type"] == "restore.execute"
+    assert done["restore_plan"]["status"] == "executed"
+    assert [i["result"] for i in done["restore_plan"]["items"]].count("created") == 1
+    # The cache is made true again by an inventory sync of its own.
+    assert [r["type"] for r in _runs(env)][0] == "inventory.sync"
+    code, out, _ = env.cli("restore", "show", str(plan["id"]))
+    assert code == 0 and "executed" in out and "created" in out

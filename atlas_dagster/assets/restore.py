@@ -20,7 +20,7 @@ from atlas_dagster.config import AtlasConfig
 from atlas_dagster.connections import provider_connection_partitions
 from atlas_dagster.ledger.job import operation_scope
 from atlas_dagster.ledger.run_types import Outcome
-from atlas_dagster.reasons import PROVIDER_CONNECTION_MISSING, RESTORE_CONFLICT, AtlasError
+from atlas_dagster.reasons import RESTORE_CONFLICT, RESTORE_UNSUPPORTED, AtlasError
 from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource, client_for
 from atlas_dagster.resources.ledger import LedgerResource
@@ -61,8 +61,8 @@ def _newest_set(engine: sa.Engine, connection_key: str) -> int:
         if backup.status in (SET_COMPLETE, SET_PARTIAL):
             return backup.id
     raise AtlasError(
-        PROVIDER_CONNECTION_MISSING,
-        f"connection {connection_key!r} has no complete backup set to plan a restore from",
+        RESTORE_UNSUPPORTED,
+        f"nothing to restore from: connection {connection_key!r} has no complete backup set",
     )
 
 

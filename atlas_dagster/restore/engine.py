@@ -5,9 +5,10 @@ write and reading it back after its last (DESIGN §9)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -62,6 +63,10 @@ CREATED, UPDATED, UNCHANGED, SKIPPED, BLOCKED = (
 )
 CONFLICT, FAILED, OUTCOME_UNKNOWN = "conflict", "failed", "outcome_unknown"
 FAILED_RESULTS = frozenset({CONFLICT, FAILED, OUTCOME_UNKNOWN, BLOCKED})
+# How long to look for an object a create whose answer was lost may have made, and for a write to
+# show when read back (Graph replicates): the waits before each look.
+LOOKUP_WAITS = (0.0, 1.0, 2.0, 4.0)
+READBACK_WAITS = (0.0, 0.5, 1.0, 2.0)
 
 
 class Log(Protocol):
@@ -267,7 +272,7 @@ class Planner:
         backup = require_set(self.engine, set_id)
         if backup.status not in (SET_COMPLETE, SET_PARTIAL):
             raise AtlasError(
-                PROVIDER_CONNECTION_INVALID,
+                RESTORE_UNSUPPORTED,
                 f"backup set #{set_id} is {backup.status}: only a complete or partial set can "
                 "be restored",
             )
@@ -294,7 +299,7 @@ class Planner:
                 ]
                 continue
             matches = rules.match_items(
-                b.contract if (b := mine[0]) else None,  # type: ignore[arg-type]
+                CONTRACTS[key],
                 [m.obj for m in mine],
                 targets[key],
                 same_tenant=same_tenant,
@@ -620,17 +625,19 @@ class Executor:
         *,
         log: Log,
         sleep: Callable[[float], None] = time.sleep,
-        lookup_waits: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0),
-        readback_waits: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0),
+        lookup_waits: tuple[float, ...] | None = None,
+        readback_waits: tuple[float, ...] | None = None,
     ):
         self.client = client
         self.engine = engine
         self.plan = plan
         self.log = log
         self.sleep = sleep
-        self.lookup_waits = lookup_waits
-        self.readback_waits = readback_waits
+        self.lookup_waits = LOOKUP_WAITS if lookup_waits is None else lookup_waits
+        self.readback_waits = READBACK_WAITS if readback_waits is None else readback_waits
+        # Placeholder → id of each object this execution created (items run on several threads).
         self.created: dict[str, str] = {}
+        self._created_lock = threading.Lock()
         self._listed: dict[str, set[str]] = {}
 
     def run(self, items: list[plans.RestoreItem]) -> Execution:
@@ -661,11 +668,16 @@ class Executor:
         ]
         with ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="restore") as pool:
             for phase in phases:
-                for result in pool.map(self._one, phase):
-                    execution.results.append(result)
-                    self._record(result)
+                # Each result is recorded as soon as its item ends, from this thread.
+                for future in as_completed([pool.submit(self._one, i) for i in phase]):
+                    execution.results.append(future.result())
+                    self._record(execution.results[-1])
         execution.results.sort(key=lambda r: r.position)
         return execution
+
+    def _created(self) -> dict[str, str]:
+        with self._created_lock:
+            return dict(self.created)
 
     def _record(self, result: ItemResult) -> None:
         plans.record_item(
@@ -707,7 +719,7 @@ class Executor:
     def _execute(
         self, contract: Contract, item: plans.RestoreItem, result: ItemResult
     ) -> ItemResult:
-        writes, missing = rules.resolve_placeholders(item.writes, self.created)
+        writes, missing = rules.resolve_placeholders(item.writes, self._created())
         if missing:
             result.result, result.reason_code = FAILED, RESTORE_REFERENCE_UNMAPPED
             result.error = (
@@ -739,7 +751,10 @@ class Executor:
                         "look in the portal before planning again"
                     )
                     return result
-                self.created[rules.placeholder(contract.key, item.source_external_id)] = target_id
+                with self._created_lock:
+                    self.created[rules.placeholder(contract.key, item.source_external_id)] = (
+                        target_id
+                    )
                 continue
             self.client.write(
                 key, item_id=target_id, sub_id=write.get("sub_id"), body=write.get("body")
@@ -770,7 +785,7 @@ class Executor:
         ids the collection held before. Looked for a while (Graph replicates); None when it
         does not appear, or when more than one does."""
         before = self._listed.get(contract.key, set())
-        mine = set(self.created.values())
+        mine = set(self._created().values())
         for wait in self.lookup_waits:
             if wait:
                 self.sleep(wait)
@@ -810,5 +825,5 @@ class Executor:
     def _wanted(self, item: plans.RestoreItem) -> dict[str, Any] | None:
         if item.planned_view is None:
             return None
-        resolved, _ = rules.resolve_placeholders(item.planned_view, self.created)
+        resolved, _ = rules.resolve_placeholders(item.planned_view, self._created())
         return resolved

@@ -406,28 +406,25 @@ class PlannedWrite:
         return out
 
 
-def _binds(elements: list[dict[str, Any]], graph_base: str) -> list[dict[str, Any]]:
-    """Definition values as updateDefinitionValues takes them: each names its ADMX definition,
-    and each presentation value its presentation, by ``@odata.bind``."""
-    root = f"{graph_base.rstrip('/')}/beta/deviceManagement/groupPolicyDefinitions"
-    out = []
-    for element in elements:
+def _binds(elements: list[dict[str, Any]], write: Write, root: str) -> list[dict[str, Any]]:
+    """Elements as ``write`` takes them: each catalogue object they name (an ADMX definition,
+    its presentation) as ``<name>@odata.bind`` to its URL under ``root``."""
+    paths = dict(write.binds)
+
+    def bind(element: dict[str, Any], definition: str | None) -> dict[str, Any]:
         element = copy.deepcopy(element)
-        definition = (element.pop("definition", None) or {}).get("id")
-        if definition:
-            element["definition@odata.bind"] = f"{root}('{definition}')"
-        values = []
-        for value in element.get("presentationValues") or ():
-            presentation = (value.pop("presentation", None) or {}).get("id")
-            if presentation and definition:
-                value["presentation@odata.bind"] = (
-                    f"{root}('{definition}')/presentations('{presentation}')"
-                )
-            values.append(value)
-        if "presentationValues" in element:
-            element["presentationValues"] = values
-        out.append(element)
-    return out
+        for name, path in paths.items():
+            bound = element.get(name)
+            if isinstance(bound, Mapping) and bound.get("id"):
+                del element[name]
+                url = path.format(id=bound["id"], definition=definition)
+                element[f"{name}@odata.bind"] = root + url
+        for key, value in list(element.items()):
+            if isinstance(value, list):
+                element[key] = [bind(v, definition) if isinstance(v, dict) else v for v in value]
+        return element
+
+    return [bind(e, (e.get("definition") or {}).get("id")) for e in elements]
 
 
 def _key(element: Any, source: str) -> str:
@@ -494,8 +491,11 @@ def plan_writes(
         out.writes.append(PlannedWrite(f"{contract.key}.{replace.name}", body))
         replaced = True
     elif body_changed and writes.update is not None:
+        body = _body(contract, wanted, create=False)
+        # A field the backup leaves empty is cleared: PATCH keeps what it does not name.
+        cleared = _body(contract, current, create=False).keys() - body.keys()
         out.writes.append(
-            PlannedWrite(f"{contract.key}.update", _body(contract, wanted, create=False))
+            PlannedWrite(f"{contract.key}.update", {**body, **dict.fromkeys(sorted(cleared))})
         )
     for source, part_writes in parts.items():
         if replaced and replace is not None and source == replace.source:
@@ -556,15 +556,15 @@ def _content_writes(
     if "delta" in by_effect:
         w = by_effect["delta"]
         added_key, updated_key, deleted_key = w.delta_keys
-        fix = (lambda es: _binds(es, graph_base)) if source == "definitionValues" else list
+        root = f"{graph_base.rstrip('/')}/{contract.api_version}"
         updated = []
         for k, element in changed:
             element = dict(element)
             element["id"] = (live.get(k) or {}).get("id")
             updated.append(element)
         body = {
-            added_key: fix(copy.deepcopy(added)),
-            updated_key: fix(copy.deepcopy(updated)),
+            added_key: _binds(added, w, root),
+            updated_key: _binds(updated, w, root),
             deleted_key: [(live.get(k) or {}).get("id") for k in removed],
         }
         return [PlannedWrite(f"{key}.{w.name}", body)]

@@ -27,6 +27,7 @@ class _OneShot:
     path_substring: str
     kind: str
     remaining: int
+    writes_only: bool = False
 
 
 @dataclass
@@ -51,16 +52,19 @@ class FaultPlan:
         if self.latency_s < 0:
             raise ValueError("FaultPlan.latency_s must not be negative")
 
-    def once(self, path_substring: str, kind: str, count: int = 1) -> FaultPlan:
-        """The next ``count`` requests whose path and query contain ``path_substring`` fail with
-        ``kind``. Returns the plan so calls can be chained."""
+    def once(
+        self, path_substring: str, kind: str, count: int = 1, *, writes_only: bool = False
+    ) -> FaultPlan:
+        """The next ``count`` requests whose path and query contain ``path_substring`` (and,
+        with ``writes_only``, that write) fail with ``kind``. Returns the plan so calls can be
+        chained."""
         if kind not in FAULT_KINDS:
             raise ValueError(
                 f"unknown fault kind {kind!r} (one of {', '.join(sorted(FAULT_KINDS))})"
             )
         if count < 1:
             raise ValueError("a one-shot fault needs count >= 1")
-        self._one_shots.append(_OneShot(path_substring, kind, count))
+        self._one_shots.append(_OneShot(path_substring, kind, count, writes_only))
         return self
 
     @property
@@ -74,6 +78,8 @@ class FaultPlan:
         if not write:
             allowed = allowed - WRITE_ONLY_KINDS
         for shot in self._one_shots:
+            if shot.writes_only and not write:
+                continue
             if shot.remaining > 0 and shot.kind in allowed and shot.path_substring in target:
                 shot.remaining -= 1
                 self._one_shots = [s for s in self._one_shots if s.remaining > 0]
