@@ -547,14 +547,16 @@ def cmd_restore_execute(args: argparse.Namespace) -> int:
             "add --confirm to execute it"
         )
 
+    executed: list[StartOutcome] = []
+
     def report(outcome: StartOutcome) -> None:
-        current = _plan_json(engine, plan.id)
+        executed.append(outcome)
         if args.json:
-            _print_json({**_start_json(outcome), "restore_plan": current})
             return
+        current = _plan_json(engine, plan.id)
         if current is not None and outcome.row.status == Status.COMPLETED:
             _print_plan(current)
-        print(_row_line(outcome.row))
+        print(_row_line(outcome.row), flush=True)
 
     code = run_start(
         args,
@@ -568,13 +570,18 @@ def cmd_restore_execute(args: argparse.Namespace) -> int:
     # The cache is made true again by a sync of its own (its own ledger row); it queues behind
     # the execution in the tenant's slot.
     follow = argparse.Namespace(**{**vars(args), "json": False, "wait": False})
+    synced: list[StartOutcome] = []
     run_start(
         follow,
         "inventory.sync",
         in_process=args.in_process,
-        report=lambda o: None if args.json else print(_row_line(o.row)),
+        report=synced.append if args.json else lambda o: print(_row_line(o.row)),
         connection=plan.provider_connection,
     )
+    if args.json and executed:
+        answer = {**_start_json(executed[0]), "restore_plan": _plan_json(engine, plan.id)}
+        answer["follow_up"] = _start_json(synced[0]) if synced else None
+        _print_json(answer)
     return code
 
 
@@ -586,6 +593,16 @@ def cmd_simulator_serve(args: argparse.Namespace) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------------
+
+
+def _dispatch_options(parser: argparse.ArgumentParser) -> None:
+    """How a command that starts an operation runs it and answers."""
+    parser.add_argument("--in-process", action="store_true", help="run the job in this process")
+    parser.add_argument("--wait", action="store_true", help="wait until the run completes")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
+    parser.add_argument(
+        "--json", action="store_true", help="print the ledger row and what the start did as JSON"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -616,12 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="inventory.sync: apply the deletions the last mass-deletion hold listed",
     )
-    start.add_argument("--in-process", action="store_true", help="run the job in this process")
-    start.add_argument("--wait", action="store_true", help="wait until the run completes")
-    start.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
-    start.add_argument(
-        "--json", action="store_true", help="print the ledger row and what the start did as JSON"
-    )
+    _dispatch_options(start)
     start.set_defaults(func=cmd_start)
 
     runs = sub.add_parser("runs", help="list operation runs")
@@ -674,10 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write conditional access policies enabled as backed up (else report-only)",
     )
-    rp.add_argument("--in-process", action="store_true", help="run the job in this process")
-    rp.add_argument("--wait", action="store_true", help="wait until the plan is made")
-    rp.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
-    rp.add_argument("--json", action="store_true")
+    _dispatch_options(rp)
     rp.set_defaults(func=cmd_restore_plan)
     rsh = rs.add_parser("show", help="a plan and, once executed, each item's result")
     rsh.add_argument("plan", type=int)
@@ -687,10 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--plan", type=int, required=True)
     rx.add_argument("--confirm", action="store_true", help="yes, write to the tenant")
     rx.add_argument("--connection", help="refuse unless the plan restores into this connection")
-    rx.add_argument("--in-process", action="store_true", help="run the job in this process")
-    rx.add_argument("--wait", action="store_true", help="wait until the execution completes")
-    rx.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait")
-    rx.add_argument("--json", action="store_true")
+    _dispatch_options(rx)
     rx.set_defaults(func=cmd_restore_execute)
 
     sim = sub.add_parser("simulator", help="the Microsoft Graph simulator").add_subparsers(

@@ -447,7 +447,8 @@ class Planner:
         contract = b.contract
         target = match.target
         target_id = str(target["id"]) if target is not None else None
-        target_hash = rules.view_hash(contract, target) if target is not None else None
+        current = rules.view(contract, target) if target is not None else None
+        target_hash = rules.hash_of_view(contract, current) if current is not None else None
         if match.skipped:
             return self._row(b, rules.SKIP, reason=RESTORE_UNSUPPORTED, message=match.skipped)
         if match.blocked:
@@ -460,7 +461,6 @@ class Planner:
             if note:
                 notes.append(note)
         wanted = rules.view(contract, wanted_obj)
-        current = rules.view(contract, target) if target is not None else None
         if current is not None and canonical_json(current) == canonical_json(wanted):
             return self._row(
                 b,
@@ -643,35 +643,33 @@ class Executor:
     def run(self, items: list[plans.RestoreItem]) -> Execution:
         execution = Execution(self.plan.id)
         todo = [i for i in items if i.action in (rules.CREATE, rules.UPDATE)]
+        as_planned = {rules.UNCHANGED: UNCHANGED, rules.SKIP: SKIPPED, rules.BLOCKED: BLOCKED}
         for item in items:
-            if item.action not in (rules.CREATE, rules.UPDATE):
-                result = {
-                    rules.UNCHANGED: UNCHANGED,
-                    rules.SKIP: SKIPPED,
-                    rules.BLOCKED: BLOCKED,
-                }[item.action]
+            if item.action in as_planned:
                 execution.results.append(
                     ItemResult(
                         item.position,
-                        result,
+                        as_planned[item.action],
                         item.target_external_id,
                         reason_code=item.reason_code,
                         error=item.message,
                     )
                 )
-                self._record(execution.results[-1])
-        creates = {i.contract_key for i in todo if i.action == rules.CREATE}
-        self._listed = self._list_ids(sorted(creates))
+        self._record(execution.results)
+        creates = sorted({i.contract_key for i in todo if i.action == rules.CREATE})
         phases = [
             [i for i in todo if i.contract_key in REFERENCE_CONTRACTS],
             [i for i in todo if i.contract_key not in REFERENCE_CONTRACTS],
         ]
         with ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="restore") as pool:
+            # What each collection held before this execution creates anything in it.
+            listed = pool.map(self._list_ids, creates)
+            self._listed = dict(zip(creates, listed, strict=True))
             for phase in phases:
                 # Each result is recorded as soon as its item ends, from this thread.
                 for future in as_completed([pool.submit(self._one, i) for i in phase]):
                     execution.results.append(future.result())
-                    self._record(execution.results[-1])
+                    self._record([execution.results[-1]])
         execution.results.sort(key=lambda r: r.position)
         return execution
 
@@ -679,24 +677,26 @@ class Executor:
         with self._created_lock:
             return dict(self.created)
 
-    def _record(self, result: ItemResult) -> None:
-        plans.record_item(
+    def _record(self, results: list[ItemResult]) -> None:
+        now = schema.utcnow()
+        plans.record_items(
             self.engine,
             self.plan.id,
-            result.position,
-            result=result.result,
-            target_external_id=result.target_id,
-            verified=result.verified,
-            error=result.error,
-            completed_at=schema.utcnow(),
+            [
+                {
+                    "position": r.position,
+                    "result": r.result,
+                    "target_external_id": r.target_id,
+                    "verified": r.verified,
+                    "error": r.error,
+                    "completed_at": now,
+                }
+                for r in results
+            ],
         )
 
-    def _list_ids(self, contract_keys: list[str]) -> dict[str, set[str]]:
-        """The ids each collection holds before this execution creates anything in it."""
-        out: dict[str, set[str]] = {}
-        for key in contract_keys:
-            out[key] = {str(o.get("id")) for page in self.client.pages(key) for o in page}
-        return out
+    def _list_ids(self, contract_key: str) -> set[str]:
+        return {str(o.get("id")) for page in self.client.pages(contract_key) for o in page}
 
     def _one(self, item: plans.RestoreItem) -> ItemResult:
         contract = CONTRACTS[item.contract_key]

@@ -132,16 +132,17 @@ def view(contract: Contract, obj: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in obj.items():
         # Null and absent are one thing: a listing may leave out what an item read returns.
+        # (Values are shared with ``obj``, not copied: a view is only read.)
         if key in skip or value is None or ("@odata." in key and key != "@odata.type"):
             continue
-        out[key] = copy.deepcopy(value)
+        out[key] = value
     for source in parts:
         if source == "assignments":
             out[source] = _sorted(_element(direct_assignments(obj)))
         elif isinstance(obj.get(source), list):
             out[source] = _sorted(_element(obj[source]))
         elif obj.get(source) is not None:
-            out[source] = copy.deepcopy(obj[source])
+            out[source] = obj[source]
     return out
 
 
@@ -152,7 +153,11 @@ def _sorted(items: list[Any]) -> list[Any]:
 def view_hash(contract: Contract, obj: Mapping[str, Any]) -> str:
     """The hash a plan records of its target and an execution compares before writing: the
     body, the nested content and the assignments (Intune has no ETags)."""
-    return content_hash(contract, view(contract, obj))
+    return hash_of_view(contract, view(contract, obj))
+
+
+def hash_of_view(contract: Contract, viewed: Mapping[str, Any]) -> str:
+    return content_hash(contract, viewed)
 
 
 def changes(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -192,7 +197,11 @@ class Mapped:
 def map_references(contract: Contract, obj: Mapping[str, Any], refs: References) -> Mapped:
     """``obj`` with every tenant-specific id it names replaced by the target's; what cannot be
     mapped is a problem (reason code, message), and the item is blocked."""
-    out = Mapped(copy.deepcopy(dict(obj)))
+    # Copied where ids are replaced; the rest is shared with ``obj``.
+    out = Mapped(dict(obj))
+    for key in ("assignments", "roleAssignments", "conditions"):
+        if key in out.obj:
+            out.obj[key] = copy.deepcopy(out.obj[key])
     seen: set[tuple[str, str]] = set()
 
     def problem(reason: str, message: str) -> None:

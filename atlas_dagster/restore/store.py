@@ -162,14 +162,18 @@ def take(engine: Engine, plan_id: int, execute_run_id: int, now: datetime) -> bo
     return taken == 1
 
 
-def record_item(engine: Engine, plan_id: int, position: int, **values: Any) -> None:
+def record_items(engine: Engine, plan_id: int, results: Sequence[Mapping[str, Any]]) -> None:
+    """Items' results (each with its ``position``), in one transaction."""
+    if not results:
+        return
     i = schema.restore_items
+    statement = (
+        i.update()
+        .where(i.c.restore_plan_id == plan_id, i.c.position == sa.bindparam("at"))
+        .values({k: sa.bindparam(k) for k in results[0] if k != "position"})
+    )
     with engine.begin() as conn:
-        conn.execute(
-            i.update()
-            .where(i.c.restore_plan_id == plan_id, i.c.position == position)
-            .values(**values)
-        )
+        conn.execute(statement, [{**r, "at": r["position"]} for r in results])
 
 
 def finish(engine: Engine, plan_id: int, summary: Mapping[str, Any]) -> None:
