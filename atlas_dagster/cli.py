@@ -7,7 +7,9 @@ Errors are one line on stderr; ``-v`` adds the trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -738,5 +740,18 @@ def _error(args: argparse.Namespace, line: str) -> None:
     print(f"error: {line}", file=sys.stderr)
 
 
+def run() -> None:
+    """The ``atlas-dagster`` console script: ``main``, then out at once. Tearing down an
+    interpreter that loaded Dagster takes about half a second, and nothing needs it: every
+    database write has committed (SQLite keeps its WAL for the next opener), no thread is left,
+    and output and logs are flushed here."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
-from atlas_dagster.schema import UTCDateTime
+from atlas_dagster.schema import JSONType, UTCDateTime
 
 _ROWS_PER_CALL = 10_000
 
@@ -112,7 +112,7 @@ def storable_rows(
     rows = list(rows)
     columns = {c for row in rows for c in row}
     text = [c for c in columns if _is_text(table.c[c], keep)]
-    documents = [c for c in columns if isinstance(table.c[c].type, sa.JSON)]
+    documents = [c for c in columns if _is_json(table.c[c])]
     out = []
     for row in rows:
         changes = {c: text_cell(v) for c in text if (v := row.get(c)) is not None and NUL in v} | {
@@ -122,6 +122,10 @@ def storable_rows(
         }
         out.append({**row, **changes} if changes else row)
     return out
+
+
+def _is_json(column: sa.Column) -> bool:
+    return isinstance(column.type, sa.JSON | JSONType)
 
 
 def _is_text(column: sa.Column, keep: Iterable[str]) -> bool:
@@ -298,7 +302,7 @@ def _csv(
 
 
 def _cells(column: sa.Column, values: list[Any], key: Sequence[str]) -> list[Any]:
-    if isinstance(column.type, sa.JSON):
+    if _is_json(column):
         encode = _json_memo()
         docs = [None if v is None else encode(v) for v in values]
         return [
@@ -342,7 +346,7 @@ def _json_memo() -> Callable[[Any], str]:
 
 def _cell(column: sa.Column, value: Any) -> Any:
     """A constant as a statement parameter (JSON columns take text)."""
-    return _json(value) if value is not None and isinstance(column.type, sa.JSON) else value
+    return _json(value) if value is not None and _is_json(column) else value
 
 
 def update_where_in(
