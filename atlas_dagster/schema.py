@@ -55,6 +55,8 @@ class JSONType(sa.TypeDecorator):
 
             return dialect.type_descriptor(JSONB())
         return dialect.type_descriptor(sa.JSON())
+
+
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 

@@ -45,96 +45,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from served import served
 
 GOAL_S = 3.0
 MAX_WRITE_OVERHEAD = 1.10
 EDITS = 25
 # Issue #13: IntuneCD 2.6 restoring the same 25 portal changes.
 PEER = {"tool": "IntuneCD 2.6", "restore_s": 12.4, "write_requests": 66, "right": 19}
-SECRET_VAR = "ATLAS_BENCH_SIM_SECRET"
-
-CONFIG = """\
-database_url: {url}
-provider_connections:
-  - key: bench
-    display_name: Simulated tenant over loopback
-    tenant_id: {tenant_id}
-    client_id: {client_id}
-    client_secret: ${{{secret_var}}}
-    graph_base_url: {base_url}
-    login_base_url: {base_url}
-backup_schedules:
-  - key: bench-nightly
-    provider_connection: bench
-    cron: "0 2 * * *"
-    policy_types: all
-"""
-
-
-def _cli() -> str:
-    # The console script of the interpreter running this file (.venv/bin/python → .venv/bin).
-    beside = Path(sys.executable).parent / "atlas-dagster"
-    return str(beside) if beside.exists() else (shutil.which("atlas-dagster") or "atlas-dagster")
-
-
-class Cli:
-    def __init__(self, config: Path, workdir: Path, env: dict[str, str], verbose: bool):
-        self.config, self.workdir, self.env, self.verbose = config, workdir, env, verbose
-        self.exe = _cli()
-
-    def run(
-        self,
-        *argv: str,
-        ok: tuple[int, ...] = (0,),
-        answers: bool = True,
-        until: str | None = None,
-    ) -> tuple[dict[str, Any], float, float]:
-        """The command's JSON answer, its wall time, and the time until the answer was printed
-        — or, with ``until``, until a line starting with it was (the execute command prints its
-        row's line before its follow-up sync)."""
-        cmd = [self.exe, "--config", str(self.config), *(["-v"] if self.verbose else []), *argv]
-        err_path = self.workdir / "stderr.txt"
-        lines: list[str] = []
-        answered = None
-        with err_path.open("w+") as err:
-            started = time.perf_counter()
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=self.env, cwd=self.workdir
-            )
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                # `--json` answers are indented: the object closes on a line of its own.
-                done = line.startswith(until) if until else line.rstrip("\n") == "}"
-                if answered is None and done:
-                    answered = time.perf_counter() - started
-            code = proc.wait()
-            wall = time.perf_counter() - started
-            err.seek(0)
-            stderr = err.read()
-        if self.verbose:
-            print(f"[{wall:6.2f} s] atlas-dagster {' '.join(argv)} → {code}", file=sys.stderr)
-            if stderr.strip():
-                print(stderr.rstrip(), file=sys.stderr)
-        if code not in ok:
-            sys.exit(f"FAILED: atlas-dagster {' '.join(argv)} exited {code}: {stderr.strip()}")
-        text = "".join(lines)
-        if not answers:
-            return {}, wall, answered if answered is not None else wall
-        try:
-            answer = json.JSONDecoder().raw_decode(text.lstrip())[0]
-        except ValueError:
-            sys.exit(f"FAILED: atlas-dagster {' '.join(argv)} printed no JSON: {text[:500]}")
-        return answer, wall, answered if answered is not None else wall
 
 
 def _writes_seen(sim) -> int:
@@ -241,27 +164,7 @@ def run(database_url: str, latency_ms: float, workdir: Path, verbose: bool = Fal
     )
     tenant = sim.tenant
     sim.faults.latency_s = latency_ms / 1000
-    with sim.serve("127.0.0.1", 0) as base_url:
-        config = workdir / "atlas.yaml"
-        config.write_text(
-            CONFIG.format(
-                url=database_url,
-                tenant_id=tenant.tenant_id,
-                client_id=tenant.client_id,
-                secret_var=SECRET_VAR,
-                base_url=base_url,
-            )
-        )
-        env = {
-            **os.environ,
-            SECRET_VAR: sim.client_secret,
-            "DAGSTER_HOME": str(workdir / "dagster"),
-            # Unbuffered so the moment the execute command prints its answer is seen here.
-            "PYTHONUNBUFFERED": "1",
-        }
-        (workdir / "dagster").mkdir()
-        cli = Cli(config, workdir, env, verbose)
-
+    with served(sim, database_url, workdir, verbose) as cli:
         portal.prepare(tenant)
         backup, backup_s, _ = cli.run(
             "start", "backup_schedule.run_now", "--schedule", "bench-nightly", "--in-process",

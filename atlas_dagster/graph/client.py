@@ -509,7 +509,12 @@ class GraphClient:
                         )
                     if not queue:
                         break
-                    chunk = [queue.popleft() for _ in range(min(BATCH_SIZE, len(queue)))]
+                    # Reads that may go now go first: a throttled read waits out its
+                    # Retry-After with others that must wait, never holding back the rest.
+                    ready = [p for p in queue if p.delay <= 0] or list(queue)
+                    chunk = ready[:BATCH_SIZE]
+                    for p in chunk:
+                        queue.remove(p)
                     for p in chunk:
                         self._check_relative(contract, p.url)
                     in_flight[pool.submit(self._send_batch, contract, chunk)] = chunk
