@@ -9,7 +9,7 @@ completed percentiles, outcomes, peak RSS of the daemon and of a run worker, the
 processes spent, Graph request units per tenant, and whether the ledger converged (no active row,
 exactly one row per Dagster run). Exits 1 when it did not, or when the fleet overran its budget.
 
-    python bench/fleet.py [--tenants 50] [--budget-s 840]
+    python bench/fleet.py [--tenants 50] [--budget-s 840] [--run-types T,…]
 
 Two fresh databases (the app's and Dagster's) are created on the server at
 ``$ATLAS_BENCH_POSTGRES_URL`` and dropped at the end; every process started here is killed.
@@ -772,7 +772,15 @@ def main() -> None:
         default=840.0,
         help="the whole bench, start-up included (default: 14 minutes)",
     )
+    parser.add_argument(
+        "--run-types",
+        default=",".join(RUN_TYPES),
+        help="what each tenant runs (e.g. directory_groups.sync alone, with --tenants 1, for the "
+        "submit → completed time of one small run)",
+    )
     args = parser.parse_args()
+    global RUN_TYPES
+    RUN_TYPES = tuple(args.run_types.split(","))
     # A SIGTERM ends the bench through its finally blocks, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

@@ -29,6 +29,7 @@ def local_instance_settings(conf: dict) -> dict:
     runs = conf.get("concurrency", {}).get("runs") or coordinator.get("config", {})
     return {
         "run_coordinator": coordinator["class"],
+        "dequeue_interval_seconds": coordinator.get("config", {}).get("dequeue_interval_seconds"),
         "max_concurrent_runs": runs.get("max_concurrent_runs"),
         "tag_concurrency_limits": runs.get("tag_concurrency_limits"),
         "run_monitoring": conf["run_monitoring"],
@@ -51,6 +52,7 @@ def helm_instance_settings(values: dict) -> dict:
     postgresql = values["postgresql"]
     return {
         "run_coordinator": coordinator["type"] if rendered else None,
+        "dequeue_interval_seconds": queued.get("dequeueIntervalSeconds"),
         "max_concurrent_runs": queued.get("maxConcurrentRuns"),
         "tag_concurrency_limits": queued.get("tagConcurrencyLimits"),
         "run_monitoring": {_snake(k): v for k, v in daemon["runMonitoring"].items()},

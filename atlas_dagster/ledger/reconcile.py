@@ -96,13 +96,31 @@ def reap(
     identity and the tenant's slot are free afterwards."""
     message = f"the run's work died: {reason}"
     done = ledger.complete(
-        row.id, Outcome.FAILED, failures=[failure(RUN_CRASHED, message)], token=row.executor_token
+        row.id,
+        Outcome.FAILED,
+        failures=[failure(RUN_CRASHED, message)],
+        token=row.executor_token,
+        # A run Dagster already ended (its monitoring saw the worker die first) ended then.
+        completed_at=_ended_at(instance, row.dagster_run_id),
     )
     if done:
         log.warning("operation run #%s: %s", row.id, message)
     if instance is not None and row.dagster_run_id:
         _fail_dagster_run(instance, row.dagster_run_id, message)
     return done
+
+
+def _ended_at(instance: DagsterInstance | None, run_id: str | None) -> datetime | None:
+    if instance is None or run_id is None:
+        return None
+    try:
+        record = instance.get_run_record_by_id(run_id)
+    except Exception:  # the time is a nicety; the reap must not depend on it
+        log.exception("could not read Dagster run %s", run_id)
+        return None
+    if record is None or record.dagster_run.status in _IN_PROGRESS:
+        return None
+    return timestamp(record.end_time)
 
 
 def _fail_dagster_run(instance: DagsterInstance, run_id: str, message: str) -> None:
