@@ -764,6 +764,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
+    global RUN_TYPES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument(
@@ -779,7 +780,6 @@ def main() -> None:
         "submit → completed time of one small run)",
     )
     args = parser.parse_args()
-    global RUN_TYPES
     RUN_TYPES = tuple(args.run_types.split(","))
     # A SIGTERM ends the bench through its finally blocks, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
