@@ -467,7 +467,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def cmd_restore_plan(args: argparse.Namespace) -> int:
     config = _config(args)
     from atlas_dagster.db import ready_engine
-    from atlas_dagster.restore.engine import Selection
+    from atlas_dagster.restore.plan import Selection
     from atlas_dagster.stores.backups import require_set
 
     engine = ready_engine(config)
@@ -524,7 +524,7 @@ def cmd_restore_execute(args: argparse.Namespace) -> int:
     from atlas_dagster.assets.restore import tenant_of
     from atlas_dagster.db import ready_engine
     from atlas_dagster.restore import store as plans
-    from atlas_dagster.restore.engine import PlanRefused, check_executable
+    from atlas_dagster.restore.execute import PlanRefused, check_executable
 
     engine = ready_engine(config)
     plan = plans.get_plan(engine, args.plan)

@@ -14,7 +14,7 @@ from atlas_dagster.db import ready_engine
 from atlas_dagster.ledger.run_types import Outcome
 from atlas_dagster.ledger.start import ensure_dagster_home, job_names, start_operation
 from atlas_dagster.ledger.store import OperationLedger
-from atlas_dagster.restore.engine import Selection
+from atlas_dagster.restore.plan import Selection
 
 SUMMARY_TABLES = (
     "provider_connections",

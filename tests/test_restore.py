@@ -27,7 +27,7 @@ from atlas_dagster.ledger.start import start_operation
 from atlas_dagster.ledger.store import OperationRun
 from atlas_dagster.restore import rules
 from atlas_dagster.restore import store as plans
-from atlas_dagster.restore.engine import Selection
+from atlas_dagster.restore.plan import Selection
 from atlas_dagster.simulator import (
     GraphSimulator,
     SimulatedTenant,
@@ -361,9 +361,9 @@ def test_a_target_edited_between_plan_and_execute_ends_in_conflict_and_is_not_wr
 
 @pytest.mark.parametrize("fault", ["drop_response", "timeout"])
 def test_a_create_whose_answer_is_lost_is_never_sent_twice(env, monkeypatch, fault):
-    from atlas_dagster.restore import engine
+    from atlas_dagster.restore import execute
 
-    monkeypatch.setattr(engine, "LOOKUP_WAITS", (0.0, 0.01))
+    monkeypatch.setattr(execute, "LOOKUP_WAITS", (0.0, 0.01))
     sim, tenant = env.sims["contoso"], env.tenant
     set_id = env.backup()
     gone = tenant.policies("compliance_policies")[0]

@@ -25,14 +25,13 @@ from atlas_dagster.resources.database import DatabaseResource
 from atlas_dagster.resources.graph import GraphClientResource, client_for
 from atlas_dagster.resources.ledger import LedgerResource
 from atlas_dagster.restore import store as plans
-from atlas_dagster.restore.engine import (
+from atlas_dagster.restore.execute import (
     FAILED_RESULTS,
     Executor,
-    Planner,
     PlanRefused,
-    Selection,
     check_executable,
 )
+from atlas_dagster.restore.plan import Planner, Selection
 from atlas_dagster.stores.backups import SET_COMPLETE, SET_PARTIAL, list_sets, require_set
 
 

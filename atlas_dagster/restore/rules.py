@@ -26,7 +26,6 @@ from graph_contracts import (
     content_hash,
     is_builtin,
     object_name,
-    restore_skip,
 )
 
 # Actions of a plan's items, and results of an execution's.
@@ -598,8 +597,3 @@ def _content_writes(
         if remove is not None and sub_id:
             out.append(PlannedWrite(f"{key}.{remove.name}", None, sub_id=str(sub_id)))
     return out
-
-
-def skip_reason(contract: Contract, obj: Mapping[str, Any]) -> tuple[str, str] | None:
-    """Why Graph cannot take this backed-up object back at all (see graph_contracts)."""
-    return restore_skip(contract, obj)

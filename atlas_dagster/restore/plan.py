@@ -1,16 +1,12 @@
-"""A restore's I/O: the plan reads the target tenant live and stores what it would do; the
-execution takes the plan once and does exactly that, re-reading each target before its first
-write and reading it back after its last (DESIGN §9)."""
+"""A restore plan (``restore.plan``): the target tenant read live, each backed-up item matched,
+mapped and compared, and what an execution would write stored with it. It only reads the
+tenant (DESIGN §9)."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -20,17 +16,11 @@ from atlas_dagster import schema
 from atlas_dagster.graph import GraphClient
 from atlas_dagster.reasons import (
     FATAL_FOR_ALL_TYPES,
-    PROVIDER_BAD_RESPONSE,
-    PROVIDER_CONNECTION_INVALID,
     PROVIDER_PERMISSION_DENIED,
     RESTORE_CONFLICT,
-    RESTORE_OUTCOME_UNKNOWN,
-    RESTORE_PLAN_EXPIRED,
-    RESTORE_REFERENCE_UNMAPPED,
     RESTORE_UNSUPPORTED,
     AtlasError,
     GraphError,
-    WriteUncertain,
 )
 from atlas_dagster.restore import rules
 from atlas_dagster.restore import store as plans
@@ -49,24 +39,11 @@ from graph_contracts import (
     classify,
     missing_permissions,
     object_name,
+    restore_skip,
 )
 
 # References a policy names: created before the policies that use them.
 REFERENCE_CONTRACTS = ("scope_tags", "assignment_filters")
-# Results of an execution's items.
-CREATED, UPDATED, UNCHANGED, SKIPPED, BLOCKED = (
-    "created",
-    "updated",
-    "unchanged",
-    "skipped",
-    "blocked",
-)
-CONFLICT, FAILED, OUTCOME_UNKNOWN = "conflict", "failed", "outcome_unknown"
-FAILED_RESULTS = frozenset({CONFLICT, FAILED, OUTCOME_UNKNOWN, BLOCKED})
-# How long to look for an object a create whose answer was lost may have made, and for a write to
-# show when read back (Graph replicates): the waits before each look.
-LOOKUP_WAITS = (0.0, 1.0, 2.0, 4.0)
-READBACK_WAITS = (0.0, 0.5, 1.0, 2.0)
 
 
 class Log(Protocol):
@@ -115,9 +92,6 @@ def writable(contract_key: str) -> bool:
 def _order(contract_key: str) -> int:
     keys = (*REFERENCE_CONTRACTS, *POLICY_CONTRACTS)
     return keys.index(contract_key)
-
-
-# --- planning -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -472,7 +446,7 @@ class Planner:
         action = rules.UPDATE if target is not None else rules.CREATE
         changes = rules.changes(current, wanted) if current is not None else []
         common = {"target_id": target_id, "changes": changes, "target_hash": target_hash}
-        skip = rules.skip_reason(contract, b.obj)
+        skip = restore_skip(contract, b.obj)
         if skip is None and target is None and contract.writes and contract.writes.create is None:
             skip = (RESTORE_UNSUPPORTED, f"Graph cannot create {contract.title or contract.key}")
         if skip is None and target is None:
@@ -557,273 +531,3 @@ def _plan_summary(items: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         if item["action"] == rules.UNCHANGED and item.get("message"):
             held += 1
     return {**counts, "held_report_only": held, "planned_writes": writes}
-
-
-# --- execution ----------------------------------------------------------------------------------
-
-
-class PlanRefused(AtlasError):
-    """A plan that may not be executed (expired, taken, of another tenant)."""
-
-
-def check_executable(plan: plans.RestorePlan, tenant_id: str | None, now: datetime) -> None:
-    """Why a plan may not be executed now, as a PlanRefused; nothing when it may."""
-    if plan.status != plans.PLANNED:
-        raise PlanRefused(
-            RESTORE_CONFLICT,
-            f"restore plan #{plan.id} is {plan.status}: a plan executes once",
-        )
-    if plan.expired(now):
-        raise PlanRefused(
-            RESTORE_PLAN_EXPIRED,
-            f"restore plan #{plan.id} expired at {plan.expires_at:%Y-%m-%d %H:%M} UTC: make a "
-            "new plan",
-        )
-    if tenant_id is not None and tenant_id != plan.target_tenant_id:
-        raise PlanRefused(
-            PROVIDER_CONNECTION_INVALID,
-            f"restore plan #{plan.id} was made for tenant {plan.target_tenant_id}, but "
-            f"connection {plan.provider_connection!r} now points at tenant {tenant_id}",
-        )
-
-
-@dataclass
-class ItemResult:
-    position: int
-    result: str
-    target_id: str | None = None
-    verified: bool | None = None
-    error: str | None = None
-    reason_code: str | None = None
-    writes_sent: int = 0
-
-
-@dataclass
-class Execution:
-    plan_id: int
-    results: list[ItemResult] = field(default_factory=list)
-
-    def summary(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for r in self.results:
-            counts[r.result] = counts.get(r.result, 0) + 1
-        counts["verified"] = sum(1 for r in self.results if r.verified)
-        counts["unverified"] = sum(1 for r in self.results if r.verified is False)
-        counts["writes"] = sum(r.writes_sent for r in self.results)
-        return counts
-
-
-class Executor:
-    """Executes one taken plan through the client. Items run side by side, references first;
-    each item's own writes go one after another in the plan's order."""
-
-    def __init__(
-        self,
-        client: GraphClient,
-        engine: Engine,
-        plan: plans.RestorePlan,
-        *,
-        log: Log,
-        sleep: Callable[[float], None] = time.sleep,
-        lookup_waits: tuple[float, ...] | None = None,
-        readback_waits: tuple[float, ...] | None = None,
-    ):
-        self.client = client
-        self.engine = engine
-        self.plan = plan
-        self.log = log
-        self.sleep = sleep
-        self.lookup_waits = LOOKUP_WAITS if lookup_waits is None else lookup_waits
-        self.readback_waits = READBACK_WAITS if readback_waits is None else readback_waits
-        # Placeholder → id of each object this execution created (items run on several threads).
-        self.created: dict[str, str] = {}
-        self._created_lock = threading.Lock()
-        self._listed: dict[str, set[str]] = {}
-
-    def run(self, items: list[plans.RestoreItem]) -> Execution:
-        execution = Execution(self.plan.id)
-        todo = [i for i in items if i.action in (rules.CREATE, rules.UPDATE)]
-        as_planned = {rules.UNCHANGED: UNCHANGED, rules.SKIP: SKIPPED, rules.BLOCKED: BLOCKED}
-        for item in items:
-            if item.action in as_planned:
-                execution.results.append(
-                    ItemResult(
-                        item.position,
-                        as_planned[item.action],
-                        item.target_external_id,
-                        reason_code=item.reason_code,
-                        error=item.message,
-                    )
-                )
-        self._record(execution.results)
-        creates = sorted({i.contract_key for i in todo if i.action == rules.CREATE})
-        phases = [
-            [i for i in todo if i.contract_key in REFERENCE_CONTRACTS],
-            [i for i in todo if i.contract_key not in REFERENCE_CONTRACTS],
-        ]
-        with ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="restore") as pool:
-            # What each collection held before this execution creates anything in it.
-            listed = pool.map(self._list_ids, creates)
-            self._listed = dict(zip(creates, listed, strict=True))
-            for phase in phases:
-                # Each result is recorded as soon as its item ends, from this thread.
-                for future in as_completed([pool.submit(self._one, i) for i in phase]):
-                    execution.results.append(future.result())
-                    self._record([execution.results[-1]])
-        execution.results.sort(key=lambda r: r.position)
-        return execution
-
-    def _created(self) -> dict[str, str]:
-        with self._created_lock:
-            return dict(self.created)
-
-    def _record(self, results: list[ItemResult]) -> None:
-        now = schema.utcnow()
-        plans.record_items(
-            self.engine,
-            self.plan.id,
-            [
-                {
-                    "position": r.position,
-                    "result": r.result,
-                    "target_external_id": r.target_id,
-                    "verified": r.verified,
-                    "error": r.error,
-                    "completed_at": now,
-                }
-                for r in results
-            ],
-        )
-
-    def _list_ids(self, contract_key: str) -> set[str]:
-        return {str(o.get("id")) for page in self.client.pages(contract_key) for o in page}
-
-    def _one(self, item: plans.RestoreItem) -> ItemResult:
-        contract = CONTRACTS[item.contract_key]
-        result = ItemResult(item.position, FAILED, item.target_external_id)
-        try:
-            return self._execute(contract, item, result)
-        except WriteUncertain as exc:
-            result.result, result.reason_code, result.error = (
-                OUTCOME_UNKNOWN,
-                RESTORE_OUTCOME_UNKNOWN,
-                exc.message,
-            )
-        except GraphError as exc:
-            result.result, result.reason_code, result.error = FAILED, exc.reason_code, exc.message
-        except Exception as exc:  # one item's surprise must not stop the others
-            result.result, result.reason_code = FAILED, PROVIDER_BAD_RESPONSE
-            result.error = f"{type(exc).__name__}: {exc}"
-        return result
-
-    def _execute(
-        self, contract: Contract, item: plans.RestoreItem, result: ItemResult
-    ) -> ItemResult:
-        writes, missing = rules.resolve_placeholders(item.writes, self._created())
-        if missing:
-            result.result, result.reason_code = FAILED, RESTORE_REFERENCE_UNMAPPED
-            result.error = (
-                f"an object this restore was to create first was not created ({', '.join(missing)})"
-            )
-            return result
-        if item.action == rules.UPDATE:
-            assert item.target_external_id is not None
-            live = self.client.read_object(contract.key, item.target_external_id)
-            if live is None or rules.view_hash(contract, live) != item.target_hash_at_plan:
-                result.result, result.reason_code = CONFLICT, RESTORE_CONFLICT
-                result.error = (
-                    "the target was deleted since the plan"
-                    if live is None
-                    else "the target changed since the plan: it is not overwritten"
-                )
-                return result
-        target_id = item.target_external_id
-        for n, write in enumerate(writes):
-            key = write["contract_key"]
-            if n == 0 and item.action == rules.CREATE:
-                target_id = self._create(contract, item, write)
-                result.target_id = target_id
-                result.writes_sent += 1
-                if target_id is None:
-                    result.result, result.reason_code = OUTCOME_UNKNOWN, RESTORE_OUTCOME_UNKNOWN
-                    result.error = (
-                        "the create got no answer, and no new object of this name appeared: "
-                        "look in the portal before planning again"
-                    )
-                    return result
-                with self._created_lock:
-                    self.created[rules.placeholder(contract.key, item.source_external_id)] = (
-                        target_id
-                    )
-                continue
-            self.client.write(
-                key, item_id=target_id, sub_id=write.get("sub_id"), body=write.get("body")
-            )
-            result.writes_sent += 1
-        result.result = CREATED if item.action == rules.CREATE else UPDATED
-        result.verified = self._verify(contract, item, target_id)
-        if not result.verified:
-            result.error = "read back, it still differs from the backup"
-        return result
-
-    def _create(
-        self, contract: Contract, item: plans.RestoreItem, write: Mapping[str, Any]
-    ) -> str | None:
-        try:
-            answer = self.client.write(
-                write["contract_key"], item_id=write.get("item_id"), body=write.get("body")
-            )
-        except WriteUncertain:
-            return self._find_created(contract, item)
-        if not answer or not answer.get("id"):
-            # Graph answered without the object: find it rather than create it again.
-            return self._find_created(contract, item)
-        return str(answer["id"])
-
-    def _find_created(self, contract: Contract, item: plans.RestoreItem) -> str | None:
-        """The object a create whose answer was lost made: same type and name, not among the
-        ids the collection held before. Looked for a while (Graph replicates); None when it
-        does not appear, or when more than one does."""
-        before = self._listed.get(contract.key, set())
-        mine = set(self._created().values())
-        for wait in self.lookup_waits:
-            if wait:
-                self.sleep(wait)
-            found = [
-                str(o.get("id"))
-                for page in self.client.pages(contract.key)
-                for o in page
-                if str(o.get("id")) not in before
-                and str(o.get("id")) not in mine
-                and object_name(contract, o) == item.display_name
-            ]
-            if len(found) == 1:
-                self.log.info(f"the create of {item.display_name!r} happened: found {found[0]}")
-                return found[0]
-            if len(found) > 1:
-                return None
-        return None
-
-    def _verify(self, contract: Contract, item: plans.RestoreItem, target_id: str | None) -> bool:
-        """Read the target back and compare it with what the plan wanted (allowing Graph a
-        moment to replicate)."""
-        if target_id is None:
-            return False
-        wanted = self._wanted(item)
-        if wanted is None:
-            return False
-        for wait in self.readback_waits:
-            if wait:
-                self.sleep(wait)
-            live = self.client.read_object(contract.key, target_id)
-            if live is not None and canonical_json(rules.view(contract, live)) == canonical_json(
-                wanted
-            ):
-                return True
-        return False
-
-    def _wanted(self, item: plans.RestoreItem) -> dict[str, Any] | None:
-        if item.planned_view is None:
-            return None
-        resolved, _ = rules.resolve_placeholders(item.planned_view, self._created())
-        return resolved
