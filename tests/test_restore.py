@@ -531,3 +531,20 @@ def test_plan_show_and_execute_speak_json(env):
     assert [r["type"] for r in _runs(env)][0] == "inventory.sync"
     code, out, _ = env.cli("restore", "show", str(plan["id"]))
     assert code == 0 and "executed" in out and "created" in out
+
+
+def test_an_object_of_the_name_created_since_the_plan_is_not_duplicated(env):
+    tenant = env.tenant
+    set_id = env.backup()
+    gone = tenant.policies("compliance_policies")[0]
+    tenant.delete_policy("compliance_policies", gone["id"])
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    # An admin recreates it by hand before the plan is executed.
+    again = {k: v for k, v in gone.items() if k != "id"}
+    tenant.add_policy("compliance_policies", again)
+    count = len(tenant.policies("compliance_policies"))
+    row = env.execute(plan_id)
+    assert row.outcome == "partially_succeeded"
+    assert [f["reason_code"] for f in row.failure_summary] == ["restore_conflict"]
+    assert env.sims["contoso"].stats.per_contract["compliance_policies.create"] == 0
+    assert len(tenant.policies("compliance_policies")) == count

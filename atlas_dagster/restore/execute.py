@@ -123,7 +123,10 @@ class Executor:
         # Placeholder → id of each object this execution created (items run on several threads).
         self.created: dict[str, str] = {}
         self._created_lock = threading.Lock()
-        self._listed: dict[str, set[str]] = {}
+        # What each collection a create goes to held before this execution wrote anything:
+        # (id, type, name) of each object.
+        self._listed: dict[str, list[tuple[str, Any, str | None]]] = {}
+        self._claimed: set[tuple[str, str]] = set()
 
     def run(self, items: list[plans.RestoreItem]) -> Execution:
         execution = Execution(self.plan.id)
@@ -141,14 +144,14 @@ class Executor:
                     )
                 )
         self._record(execution.results)
+        self._claimed = {(i.contract_key, i.target_external_id or "") for i in items}
         creates = sorted({i.contract_key for i in todo if i.action == rules.CREATE})
         phases = [
             [i for i in todo if i.contract_key in REFERENCE_CONTRACTS],
             [i for i in todo if i.contract_key not in REFERENCE_CONTRACTS],
         ]
         with ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="restore") as pool:
-            # What each collection held before this execution creates anything in it.
-            listed = pool.map(self._list_ids, creates)
+            listed = pool.map(self._list, creates)
             self._listed = dict(zip(creates, listed, strict=True))
             for phase in phases:
                 # Each result is recorded as soon as its item ends, from this thread.
@@ -180,8 +183,26 @@ class Executor:
             ],
         )
 
-    def _list_ids(self, contract_key: str) -> set[str]:
-        return {str(o.get("id")) for page in self.client.pages(contract_key) for o in page}
+    def _list(self, contract_key: str) -> list[tuple[str, Any, str | None]]:
+        contract = CONTRACTS[contract_key]
+        return [
+            (str(o.get("id")), o.get("@odata.type"), object_name(contract, o))
+            for page in self.client.pages(contract_key)
+            for o in page
+        ]
+
+    def _appeared(self, contract: Contract, item: plans.RestoreItem) -> str | None:
+        """An object of the item's type and name that no item of the plan targets: there was
+        none when the plan chose to create (it would have matched), so it appeared since."""
+        kind = (item.planned_view or {}).get("@odata.type")
+        for object_id, odata_type, name in self._listed.get(contract.key, ()):
+            if (
+                name == item.display_name
+                and odata_type == kind
+                and (contract.key, object_id) not in self._claimed
+            ):
+                return object_id
+        return None
 
     def _one(self, item: plans.RestoreItem) -> ItemResult:
         contract = CONTRACTS[item.contract_key]
@@ -222,6 +243,13 @@ class Executor:
                     else "the target changed since the plan: it is not overwritten"
                 )
                 return result
+        if item.action == rules.CREATE and (appeared := self._appeared(contract, item)):
+            result.result, result.reason_code = CONFLICT, RESTORE_CONFLICT
+            result.error = (
+                f"an object of this name ({appeared}) appeared since the plan: nothing is "
+                "created beside it"
+            )
+            return result
         target_id = item.target_external_id
         for n, write in enumerate(writes):
             key = write["contract_key"]
@@ -269,7 +297,7 @@ class Executor:
         """The object a create whose answer was lost made: same type and name, not among the
         ids the collection held before. Looked for a while (Graph replicates); None when it
         does not appear, or when more than one does."""
-        before = self._listed.get(contract.key, set())
+        before = {object_id for object_id, _, _ in self._listed.get(contract.key, ())}
         mine = set(self._created().values())
         for wait in self.lookup_waits:
             if wait:
