@@ -62,7 +62,7 @@ def edit(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
         candidates = [o for o in _stored(tenant, key) if (key, o["id"]) not in done and test(o)]
         return copy.deepcopy(candidates[n])
 
-    def edit(key: str, obj: dict[str, Any], what: str, **changes: Any) -> None:
+    def change(key: str, obj: dict[str, Any], what: str, **changes: Any) -> None:
         tenant.update_policy(key, obj["id"], changes)
         done[(key, obj["id"])] = what
 
@@ -85,7 +85,7 @@ def edit(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
         done[(key, obj["id"])] = "deleted"
     # Ten edits.
     obj = pick("device_configurations", 0, lambda o: "omaSettings" not in o)
-    edit("device_configurations", obj, "displayName", displayName=obj["displayName"] + " (old)")
+    change("device_configurations", obj, "displayName", displayName=obj["displayName"] + " (old)")
     obj = pick("settings_catalog", 0, lambda o: len(o["settings"]) >= 2)
     settings = copy.deepcopy(obj["settings"])
     instance = settings[0]["settingInstance"]
@@ -93,29 +93,29 @@ def edit(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
         "@odata.type": "#microsoft.graph.deviceManagementConfigurationStringSettingValue",
         "value": "changed in the portal",
     }
-    edit("settings_catalog", obj, "settings", settings=settings)
+    change("settings_catalog", obj, "settings", settings=settings)
     obj = pick("settings_catalog", 0, lambda o: len(o["settings"]) >= 2)
-    edit("settings_catalog", obj, "settings", settings=obj["settings"][1:])
+    change("settings_catalog", obj, "settings", settings=obj["settings"][1:])
     obj = pick("group_policy_configurations", 0, lambda o: len(o["definitionValues"]) >= 1)
     values = copy.deepcopy(obj["definitionValues"])
     values[0]["enabled"] = not values[0]["enabled"]
-    edit("group_policy_configurations", obj, "definitionValues", definitionValues=values)
+    change("group_policy_configurations", obj, "definitionValues", definitionValues=values)
     obj = pick("conditional_access_policies", 0, lambda o: o.get("state") == "enabled")
-    edit("conditional_access_policies", obj, "state", state="disabled")
+    change("conditional_access_policies", obj, "state", state="disabled")
     obj = pick("powershell_scripts", 0)
-    edit("powershell_scripts", obj, "scriptContent", scriptContent="V3JpdGUtSG9zdCAiZWRpdGVkIg==")
+    change("powershell_scripts", obj, "scriptContent", scriptContent="V3JpdGUtSG9zdCAiZWRpdGVkIg==")
     obj = pick("compliance_policies", 0)
-    edit("compliance_policies", obj, "description", description="edited in the portal")
+    change("compliance_policies", obj, "description", description="edited in the portal")
     obj = pick("app_protection_android", 0)
-    edit("app_protection_android", obj, "pinRequired", pinRequired=not obj.get("pinRequired"))
+    change("app_protection_android", obj, "pinRequired", pinRequired=not obj.get("pinRequired"))
     # An intent of a deprecated template can still be edited (and so restored in place).
     obj = pick("endpoint_security_intents", 0)
     settings = copy.deepcopy(obj["settings"])
     settings[0]["value"] = not settings[0]["value"]
     settings[0]["valueJson"] = json.dumps(settings[0]["value"])
-    edit("endpoint_security_intents", obj, "settings", settings=settings)
+    change("endpoint_security_intents", obj, "settings", settings=settings)
     obj = pick("assignment_filters", 0)
-    edit("assignment_filters", obj, "rule", rule='(device.osVersion -startsWith "11")')
+    change("assignment_filters", obj, "rule", rule='(device.osVersion -startsWith "11")')
     # Five assignment changes.
     groups = [g["id"] for g in list(tenant.groups())[:40]]
 
@@ -124,21 +124,24 @@ def edit(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
         return obj, copy.deepcopy(obj["assignments"])
 
     obj, current = assignments("compliance_policies", 0, lambda o: len(o["assignments"]) >= 2)
-    edit("compliance_policies", obj, "assignments", assignments=current[1:])
+    change("compliance_policies", obj, "assignments", assignments=current[1:])
     obj, current = assignments("device_configurations", 0, lambda o: "omaSettings" not in o)
     used = {(a["target"].get("groupId")) for a in current}
     new_group = next(g for g in groups if g not in used)
     target = {"@odata.type": "#microsoft.graph.groupAssignmentTarget", "groupId": new_group}
     current.append(p.make_assignment("device_configurations", obj["id"], target))
-    edit("device_configurations", obj, "assignments", assignments=current)
-    has_group = lambda o: any(a["target"].get("groupId") for a in o["assignments"])  # noqa: E731
-    obj, current = assignments("app_protection_windows", 0, has_group)
+    change("device_configurations", obj, "assignments", assignments=current)
+    obj, current = assignments(
+        "app_protection_windows",
+        0,
+        lambda o: any(a["target"].get("groupId") for a in o["assignments"]),
+    )
     moved = next(a for a in current if a["target"].get("groupId"))
     used = {a["target"].get("groupId") for a in current}
     moved["target"]["groupId"] = next(g for g in groups if g not in used)
-    edit("app_protection_windows", obj, "assignments", assignments=current)
+    change("app_protection_windows", obj, "assignments", assignments=current)
     obj, current = assignments("app_protection_mdm_wip", 0, lambda o: len(o["assignments"]) >= 1)
-    edit("app_protection_mdm_wip", obj, "assignments", assignments=[])
+    change("app_protection_mdm_wip", obj, "assignments", assignments=[])
     obj, current = assignments(
         "device_health_scripts", 0, lambda o: any("runSchedule" in a for a in o["assignments"])
     )
@@ -148,7 +151,7 @@ def edit(tenant: SimulatedTenant) -> dict[tuple[str, str], str]:
         "time": "11:00:00.0000000",
         "useUtc": True,
     }
-    edit("device_health_scripts", obj, "assignments", assignments=current)
+    change("device_health_scripts", obj, "assignments", assignments=current)
     return done
 
 
