@@ -486,6 +486,13 @@ def cmd_restore_plan(args: argparse.Namespace) -> int:
     unknown = [t for t in selection.types if t not in known]
     if unknown:
         raise UsageError(f"unknown policy type {', '.join(unknown)} (a contract key or type)")
+    if selection.items:
+        from atlas_dagster.stores.backups import set_items
+
+        held = {external_id for _, external_id in set_items(engine, backup.id)}
+        absent = [i for i in selection.items if i not in held]
+        if absent:
+            raise UsageError(f"backup set #{backup.id} holds no object {', '.join(absent)}")
 
     def report(outcome: StartOutcome) -> None:
         plan_id = outcome.row.context.get("restore_run_id")

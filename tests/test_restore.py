@@ -440,6 +440,14 @@ def test_execute_refuses_without_confirm_expired_or_of_another_connection(env):
     assert code == 2 and "restores into 'contoso'" in err
     code, _, err = env.cli("restore", "execute", "--plan", "999", "--confirm")
     assert code == 2 and "no restore plan #999" in err
+    code, _, err = env.cli(
+        "restore", "plan", "--set", str(set_id), "--items", "nope", "--in-process"
+    )
+    assert code == 2 and "holds no object nope" in err
+    code, _, err = env.cli(
+        "restore", "plan", "--set", str(set_id), "--types", "nope", "--in-process"
+    )
+    assert code == 2 and "unknown policy type nope" in err
     with env.engine.begin() as conn:
         conn.execute(
             schema.restore_plans.update()
