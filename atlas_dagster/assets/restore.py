@@ -66,9 +66,13 @@ def _newest_set(engine: sa.Engine, connection_key: str) -> int:
 
 
 def items_table(items: Iterable[Mapping[str, Any]], *, results: bool = False) -> str:
+    """The items that do something, or say something (an unchanged policy held in report-only);
+    the counts of all items are metadata of their own."""
     headers = ["#", "type", "name", "action", "reason", "changes" if not results else "result"]
     rows = []
     for item in items:
+        if item["action"] == "unchanged" and not item.get("message"):
+            continue
         last = (
             f"{item.get('result') or ''}{' ✓' if item.get('verified') else ''}"
             if results
@@ -84,7 +88,9 @@ def items_table(items: Iterable[Mapping[str, Any]], *, results: bool = False) ->
                 last,
             )
         )
-    return markdown_table(headers, rows, empty="nothing to restore", limit=200)
+    return markdown_table(
+        headers, rows, empty="nothing to restore: every item is unchanged", limit=200
+    )
 
 
 @dg.asset(
