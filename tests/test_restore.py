@@ -36,7 +36,7 @@ from atlas_dagster.simulator import (
     uninstall_simulator,
 )
 from atlas_dagster.simulator import payloads as p
-from graph_contracts import CONTRACTS, all_permissions, content_hash, write_permissions
+from graph_contracts import CONTRACTS, all_permissions, content_hash, is_builtin, write_permissions
 
 READ_WRITE = [*all_permissions(), *write_permissions()]
 
@@ -556,3 +556,46 @@ def test_an_object_of_the_name_created_since_the_plan_is_not_duplicated(env):
     assert [f["reason_code"] for f in row.failure_summary] == ["restore_conflict"]
     assert env.sims["contoso"].stats.per_contract["compliance_policies.create"] == 0
     assert len(tenant.policies("compliance_policies")) == count
+
+
+def test_every_writable_type_comes_back_from_a_deletion_and_a_rename(env):
+    tenant = env.tenant
+    set_id = env.backup()
+    changed: dict[tuple[str, str], str] = {}
+    for key in CONTRACTS:
+        contract = CONTRACTS[key]
+        if not contract.policy or contract.writes is None:
+            continue
+        mine = [o for o in tenant.stored_policies(key) if not is_builtin(contract, o)]
+        if len(mine) < 2:
+            continue
+        tenant.delete_policy(key, mine[0]["id"])
+        changed[(key, mine[0]["id"])] = "deleted"
+        name = mine[1].get(contract.name_field) or ""
+        tenant.update_policy(key, mine[1]["id"], {contract.name_field: name + " (renamed)"})
+        changed[(key, mine[1]["id"])] = "renamed"
+    plan_id = env.plan(set_id)
+    items = {(i.contract_key, i.source_external_id): i for i in env.items(plan_id)}
+    for key, what in changed.items():
+        item = items[key]
+        if item.action == rules.SKIP:
+            assert item.reason_code and item.message, key  # a stated reason, never silence
+            continue
+        assert item.action == (rules.CREATE if what == "deleted" else rules.UPDATE), (
+            key,
+            item.action,
+            item.reason_code,
+            item.message,
+        )
+    row = env.execute(plan_id)
+    done = {(i.contract_key, i.source_external_id): i for i in env.items(plan_id)}
+    wrong = {
+        key: (done[key].result, done[key].verified, done[key].error)
+        for key in changed
+        if done[key].action != rules.SKIP
+        and (done[key].result not in ("created", "updated") or not done[key].verified)
+    }
+    assert wrong == {}, row.failure_summary
+    # In this tenant every type can take its objects back: nothing was skipped.
+    assert [k for k in changed if done[k].action == rules.SKIP] == []
+    assert len(changed) == 54  # two objects of each of the 27 writable types
