@@ -599,3 +599,83 @@ def test_every_writable_type_comes_back_from_a_deletion_and_a_rename(env):
     # In this tenant every type can take its objects back: nothing was skipped.
     assert [k for k in changed if done[k].action == rules.SKIP] == []
     assert len(changed) == 54  # two objects of each of the 27 writable types
+
+
+def test_every_assignable_type_gets_its_assignments_back(env):
+    tenant = env.tenant
+    set_id = env.backup()
+    cleared = []
+    for key in CONTRACTS:
+        contract = CONTRACTS[key]
+        if not contract.policy or contract.writes is None or contract.writes.assign is None:
+            continue
+        assigned = [
+            o
+            for o in tenant.stored_policies(key)
+            if o.get("assignments") and not is_builtin(contract, o)
+        ]
+        if assigned:
+            tenant.update_policy(key, assigned[0]["id"], {"assignments": []})
+            cleared.append((key, assigned[0]["id"]))
+    plan_id = env.plan(set_id)
+    planned = {(i.contract_key, i.source_external_id): i for i in env.items(plan_id)}
+    assert {k for k, i in planned.items() if i.action != rules.UNCHANGED} == set(cleared)
+    assert env.execute(plan_id).outcome == "succeeded"
+    done = {(i.contract_key, i.source_external_id): i for i in env.items(plan_id)}
+    assert {k: (done[k].result, done[k].verified) for k in cleared} == {
+        k: ("updated", True) for k in cleared
+    }
+    assert len(cleared) >= 20
+
+
+def test_every_kind_of_nested_content_is_written_back_as_graph_takes_it(env):
+    tenant = env.tenant
+    set_id = env.backup()
+    edited = {}
+    for key in CONTRACTS:
+        contract = CONTRACTS[key]
+        if not contract.policy or contract.writes is None:
+            continue
+        sources = {w.source for w in contract.writes.nested if w.source and w.effect != "field"}
+        for source in sorted(sources - {"assignments"}):
+            candidates = [
+                o
+                for o in tenant.stored_policies(key)
+                if len(o.get(source) or ()) >= 2
+                and not is_builtin(contract, o)
+                and (key, o["id"]) not in edited
+            ]
+            if candidates:
+                obj = candidates[0]
+                tenant.update_policy(key, obj["id"], {source: obj[source][:-1]})
+                edited[(key, obj["id"])] = source
+    # A compliance policy keeps its one block rule: its grace period changes instead.
+    policy = next(
+        o
+        for o in tenant.stored_policies("compliance_policies")
+        if ("compliance_policies", o["id"]) not in edited
+    )
+    actions = copy.deepcopy(policy["scheduledActionsForRule"])
+    actions[0]["scheduledActionConfigurations"][0]["gracePeriodHours"] = 72
+    tenant.update_policy("compliance_policies", policy["id"], {"scheduledActionsForRule": actions})
+    edited[("compliance_policies", policy["id"])] = "scheduledActionsForRule"
+    plan_id = env.plan(set_id)
+    planned = {(i.contract_key, i.source_external_id): i for i in env.items(plan_id)}
+    for key, source in edited.items():
+        item = planned[key]
+        assert item.action == rules.UPDATE, (key, item.reason_code, item.message)
+        assert any(c["path"].startswith(source) for c in item.changes), (key, item.changes)
+    assert env.execute(plan_id).outcome == "succeeded"
+    done = {(i.contract_key, i.source_external_id): i for i in env.items(plan_id)}
+    assert {k: (done[k].result, done[k].verified) for k in edited} == {
+        k: ("updated", True) for k in edited
+    }
+    # Settings, definition values, scheduled actions, apps, role assignments, localized
+    # messages, policy set items: each written by its own kind of write.
+    assert set(edited.values()) >= {
+        "settings",
+        "definitionValues",
+        "scheduledActionsForRule",
+        "apps",
+        "localizedNotificationMessages",
+    }
