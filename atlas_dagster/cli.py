@@ -434,9 +434,15 @@ def _plan_json(engine: Any, plan_id: int) -> dict[str, Any] | None:
 
 def _print_plan(plan: dict[str, Any]) -> None:
     executed = plan["status"] != "planned"
+    status = plan["status"]
+    if plan["interrupted"]:
+        status += (
+            f", but its execution (operation run #{plan['execute_operation_run_id']}) ended "
+            f"{plan['execution_outcome']} before finishing: make a new plan"
+        )
     print(
         f"restore plan #{plan['id']} of backup set #{plan['backup_set_id']} into "
-        f"{plan['provider_connection']} (tenant {plan['target_tenant_id']}): {plan['status']}, "
+        f"{plan['provider_connection']} (tenant {plan['target_tenant_id']}): {status}, "
         f"expires {plan['expires_at'][:16].replace('T', ' ')} UTC"
     )
     rows = []

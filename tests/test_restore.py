@@ -679,3 +679,33 @@ def test_every_kind_of_nested_content_is_written_back_as_graph_takes_it(env):
         "apps",
         "localizedNotificationMessages",
     }
+
+
+def test_a_plan_whose_execution_died_says_so_and_never_runs_again(env, monkeypatch):
+    from atlas_dagster.restore import execute
+
+    set_id = env.backup()
+    env.tenant.delete_policy(
+        "compliance_policies", env.tenant.policies("compliance_policies")[0]["id"]
+    )
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+
+    def dies(self, items):
+        raise RuntimeError("the worker died mid-execution")
+
+    monkeypatch.setattr(execute.Executor, "run", dies)
+    row = env.execute(plan_id)
+    assert row.outcome == "failed"
+    code, out, _ = env.cli("restore", "show", str(plan_id), "--json")
+    shown = json.loads(out)["restore_plan"]
+    assert (shown["status"], shown["interrupted"], shown["execution_outcome"]) == (
+        "executing",
+        True,
+        "failed",
+    )
+    monkeypatch.undo()
+    code, _, err = env.cli(
+        "restore", "execute", "--plan", str(plan_id), "--confirm", "--in-process"
+    )
+    assert code == 2 and "make a new plan" in err
+    assert writes_seen(env.sims["contoso"]) == 0

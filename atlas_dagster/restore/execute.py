@@ -53,6 +53,13 @@ class PlanRefused(AtlasError):
 
 def check_executable(plan: plans.RestorePlan, tenant_id: str | None, now: datetime) -> None:
     """Why a plan may not be executed now, as a PlanRefused; nothing when it may."""
+    if plan.interrupted:
+        raise PlanRefused(
+            RESTORE_CONFLICT,
+            f"restore plan #{plan.id} was taken by operation run #{plan.execute_operation_run_id}, "
+            f"which ended {plan.execution_outcome} before finishing: a plan executes once, so "
+            "make a new plan (it reads what that execution did write)",
+        )
     if plan.status != plans.PLANNED:
         raise PlanRefused(
             RESTORE_CONFLICT,

@@ -64,15 +64,23 @@ class RestorePlan:
     operation_run_id: int | None
     execute_operation_run_id: int | None
     summary_counts: dict[str, Any]
+    # The ledger's word on the execution (its operation run's outcome once completed): a plan
+    # left ``executing`` by an execution that died says so, and never runs again.
+    execution_outcome: str | None = None
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == EXECUTING and self.execution_outcome is not None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key, value in out.items():
             if isinstance(value, datetime):
                 out[key] = value.isoformat()
+        out["interrupted"] = self.interrupted
         return out
 
 
@@ -117,17 +125,21 @@ def save_plan(
 
 
 def _plan_query() -> sa.Select:
-    p, pc = schema.restore_plans, schema.provider_connections
-    return sa.select(p, pc.c.key.label("connection_key")).join(
-        pc, pc.c.id == p.c.provider_connection_id
+    p, pc, r = schema.restore_plans, schema.provider_connections, schema.operation_runs
+    # The execution's outcome only once its row completed (a pending row has none).
+    outcome = sa.case((r.c.status == "completed", r.c.outcome), else_=None)
+    return (
+        sa.select(p, pc.c.key.label("connection_key"), outcome.label("execution_outcome"))
+        .join(pc, pc.c.id == p.c.provider_connection_id)
+        .outerjoin(r, r.c.id == p.c.execute_operation_run_id)
     )
 
 
 def _plan(r: Any) -> RestorePlan:
     m = r._mapping
+    named = {"provider_connection": m["connection_key"]}
     return RestorePlan(
-        **{f: m[f] for f in RestorePlan.__dataclass_fields__ if f not in ("provider_connection",)},
-        provider_connection=m["connection_key"],
+        **{f: m[f] for f in RestorePlan.__dataclass_fields__ if f not in named}, **named
     )
 
 
@@ -185,13 +197,3 @@ def finish(engine: Engine, plan_id: int, summary: Mapping[str, Any]) -> None:
             .where(p.c.id == plan_id, p.c.status == EXECUTING)
             .values(status=EXECUTED, completed_at=schema.utcnow(), summary_counts=dict(summary))
         )
-
-
-def latest_plans(
-    engine: Engine, connection_id: int | None = None, limit: int = 20
-) -> list[RestorePlan]:
-    q = _plan_query().order_by(schema.restore_plans.c.id.desc()).limit(limit)
-    if connection_id is not None:
-        q = q.where(schema.restore_plans.c.provider_connection_id == connection_id)
-    with engine.connect() as conn:
-        return [_plan(r) for r in conn.execute(q)]
