@@ -709,3 +709,21 @@ def test_a_plan_whose_execution_died_says_so_and_never_runs_again(env, monkeypat
     )
     assert code == 2 and "make a new plan" in err
     assert writes_seen(env.sims["contoso"]) == 0
+
+
+def test_writes_throttled_by_intune_are_retried_after_their_retry_after(env):
+    from atlas_dagster.simulator.writes import WriteLimits
+
+    sim, tenant = env.sims["contoso"], env.tenant
+    set_id = env.backup()
+    for obj in tenant.policies("compliance_policies")[:4]:
+        tenant.update_policy("compliance_policies", obj["id"], {"description": "portal"})
+    plan_id = env.plan(set_id, types=("compliance_policies",))
+    # Two writes a second for this app: the execution's four updates meet 429s.
+    sim.write_limits = WriteLimits(per_app=2, per_tenant=200, window_s=1.0)
+    row = env.execute(plan_id)
+    assert row.outcome == "succeeded", row.failure_summary
+    assert row.summary_counts["graph_throttled_retries"] > 0
+    assert row.summary_counts["writes"] == 4
+    done = [i for i in env.items(plan_id) if i.action == rules.UPDATE]
+    assert [(i.result, i.verified) for i in done] == [("updated", True)] * 4
