@@ -622,7 +622,8 @@ def test_batch_of_45_ids_retries_a_throttled_sub_request_without_holding_back_th
     # The reads not throttled go on at once; the throttled one waits out its Retry-After alone.
     assert [len(s) for s in seen] == [20, 19, 6, 1]
     assert [s["url"] for s in seen[3]] == ["/deviceManagement/deviceManagementScripts/s7"]
-    assert list(sleeps) == [pytest.approx(0.3)]
+    # Its Retry-After, less what passed while the other reads went on.
+    assert len(sleeps) == 1 and 0.2 < sleeps[0] <= 0.3
     assert client.stats.requests == 4
     assert client.stats.request_units == 46  # 45 reads + the retried one; envelopes are free
     assert client.stats.throttled_retries == 1

@@ -92,7 +92,8 @@ class _Pending:
     item_id: str
     url: str  # relative to the version root
     budget: RetryBudget  # of the page being read
-    delay: float = 0.0
+    # When it may go again after a Retry-After or backoff (monotonic clock); 0: now.
+    not_before: float = 0.0
     collected: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -511,7 +512,8 @@ class GraphClient:
                         break
                     # Reads that may go now go first: a throttled read waits out its
                     # Retry-After with others that must wait, never holding back the rest.
-                    ready = [p for p in queue if p.delay <= 0] or list(queue)
+                    now = time.monotonic()
+                    ready = [p for p in queue if p.not_before <= now] or list(queue)
                     chunk = ready[:BATCH_SIZE]
                     for p in chunk:
                         queue.remove(p)
@@ -533,9 +535,10 @@ class GraphClient:
                             yield pending.item_id, done
 
     def _send_batch(self, contract: Contract, chunk: list[_Pending]) -> dict[str, dict[str, Any]]:
-        """One ``$batch`` request of ``chunk``'s reads, after the longest wait any of them was
-        asked for; its sub-responses by id."""
-        delay = max(p.delay for p in chunk)
+        """One ``$batch`` request of ``chunk``'s reads, once the last of them may go again (a
+        wait that passed while other reads went on is not waited again); its sub-responses by
+        id."""
+        delay = max(p.not_before for p in chunk) - time.monotonic()
         if delay > 0:
             self._sleep(delay)
         requests = [{"id": str(n), "method": "GET", "url": p.url} for n, p in enumerate(chunk, 1)]
@@ -559,7 +562,7 @@ class GraphClient:
     ) -> list[dict[str, Any]] | dict[str, Any] | None:
         """Apply one sub-response: the finished result, or None when the item must go again."""
         pending.budget.attempts += 1
-        pending.delay = 0.0
+        pending.not_before = 0.0
         status = int(response.get("status", 0)) if response else 0
         headers = {str(k).lower(): v for k, v in ((response or {}).get("headers") or {}).items()}
         body = (response or {}).get("body")
@@ -568,7 +571,7 @@ class GraphClient:
             "client_request_id": headers.get("client-request-id"),
         }
         if response is None or status in RETRY_STATUSES:
-            pending.delay = pending.budget.status_wait(
+            pending.not_before = time.monotonic() + pending.budget.status_wait(
                 status,
                 headers.get("retry-after"),
                 f"item {pending.item_id} still HTTP {status or 'missing'}",
