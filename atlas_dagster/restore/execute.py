@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -116,17 +116,11 @@ class Executor:
         plan: plans.RestorePlan,
         *,
         log: Log,
-        sleep: Callable[[float], None] = time.sleep,
-        lookup_waits: tuple[float, ...] | None = None,
-        readback_waits: tuple[float, ...] | None = None,
     ):
         self.client = client
         self.engine = engine
         self.plan = plan
         self.log = log
-        self.sleep = sleep
-        self.lookup_waits = LOOKUP_WAITS if lookup_waits is None else lookup_waits
-        self.readback_waits = READBACK_WAITS if readback_waits is None else readback_waits
         # Placeholder → id of each object this execution created (items run on several threads).
         self.created: dict[str, str] = {}
         self._created_lock = threading.Lock()
@@ -306,9 +300,9 @@ class Executor:
         does not appear, or when more than one does."""
         before = {object_id for object_id, _, _ in self._listed.get(contract.key, ())}
         mine = set(self._created().values())
-        for wait in self.lookup_waits:
+        for wait in LOOKUP_WAITS:
             if wait:
-                self.sleep(wait)
+                time.sleep(wait)
             found = [
                 str(o.get("id"))
                 for page in self.client.pages(contract.key)
@@ -332,9 +326,9 @@ class Executor:
         wanted = self._wanted(item)
         if wanted is None:
             return False
-        for wait in self.readback_waits:
+        for wait in READBACK_WAITS:
             if wait:
-                self.sleep(wait)
+                time.sleep(wait)
             live = self.client.read_object(contract.key, target_id)
             if live is not None and canonical_json(rules.view(contract, live)) == canonical_json(
                 wanted
