@@ -1547,7 +1547,8 @@ def write_permissions() -> tuple[str, ...]:
 # --- Restore rules over the write contracts --------------------------------------------------
 
 
-def _policy_writes(contract: Contract) -> WriteContract:
+def policy_writes(contract: Contract) -> WriteContract:
+    """A policy collection's writes (ValueError for a contract Graph takes no writes of)."""
     if contract.writes is None:
         raise ValueError(f"{contract.key} is not a policy collection with writes")
     return contract.writes
@@ -1556,7 +1557,7 @@ def _policy_writes(contract: Contract) -> WriteContract:
 def allowed_writes(contract: Contract, obj: Mapping[str, Any]) -> tuple[Write, ...]:
     """The writes Graph takes for this object: all of its collection's, or for a built-in object
     only those named in ``builtin_writes`` (a built-in object is never created)."""
-    writes = _policy_writes(contract)
+    writes = policy_writes(contract)
     if not is_builtin(contract, obj):
         return writes.all
     return tuple(w for w in writes.all if w.name in writes.builtin_writes)
@@ -1580,7 +1581,7 @@ def _secret_names(value: Any, rule: SecretRule, name: str | None) -> Iterable[st
 def masked_secrets(contract: Contract, obj: Mapping[str, Any]) -> list[str]:
     """The settings of ``obj`` whose secret values Graph returned masked, by name."""
     found: list[str] = []
-    for rule in _policy_writes(contract).secrets:
+    for rule in policy_writes(contract).secrets:
         if rule.odata_types and obj.get("@odata.type") not in rule.odata_types:
             continue
         roots = [obj] if rule.collection is None else list(obj.get(rule.collection) or ())
@@ -1603,14 +1604,14 @@ def _holds(value: Any, parts: list[str]) -> bool:
 
 def missing_backup_refs(contract: Contract, obj: Mapping[str, Any]) -> list[str]:
     """The ``backup_needs`` paths a backed-up object does not hold."""
-    return [p for p in _policy_writes(contract).backup_needs if not _holds(obj, p.split("."))]
+    return [p for p in policy_writes(contract).backup_needs if not _holds(obj, p.split("."))]
 
 
 def restore_skip(contract: Contract, obj: Mapping[str, Any]) -> tuple[str, str] | None:
     """Why a backed-up object cannot be restored at all — its reason code and a message — or
     None. (A create from a deprecated template is refused too; that needs the template, read
     live through the contract its ``create_requires`` names.)"""
-    writes = _policy_writes(contract)
+    writes = policy_writes(contract)
     if not allowed_writes(contract, obj):
         return RESTORE_UNSUPPORTED, writes.builtin_why
     secrets = masked_secrets(contract, obj)
@@ -1656,6 +1657,7 @@ __all__ = [
     "missing_permissions",
     "object_modified",
     "object_name",
+    "policy_writes",
     "restore_skip",
     "stable_payload",
     "write_permissions",

@@ -276,8 +276,15 @@ class GraphClient:
     def _request(
         self, contract: Contract, url: str, *, body: Any = None, units: int = 1
     ) -> dict[str, Any]:
-        """Send one request with retries; return its JSON object or raise GraphError."""
+        """Send one request with retries; return its JSON object or raise GraphError.
+
+        A write answers ``{}`` when Graph sends no object (204). A write that is not safe to
+        repeat (a create, an action that adds) is retried only after a 429 — Graph did nothing
+        then; no answer or a 5xx raises WriteUncertain instead of sending it again."""
         self._check_url(contract, url)
+        write = contract.write
+        repeatable = write is None or write.effect in REPEATABLE_EFFECTS
+        sent = {"requests": 1, "request_units": units, "writes": int(write is not None)}
         budget = RetryBudget(contract.key, self.stats, self._rng)
         auth = self._auth(contract, units, budget)
         while True:
@@ -294,22 +301,40 @@ class GraphClient:
                     type(exc).__name__,
                     client_request_id,
                 )
-                self.stats.count(requests=1, request_units=units)
+                self.stats.count(**sent)
+                if not repeatable:
+                    raise WriteUncertain(
+                        reasons.RESTORE_OUTCOME_UNKNOWN,
+                        f"{contract.key}: no answer ({type(exc).__name__}); not sent again, "
+                        "since it may have happened",
+                        contract_key=contract.key,
+                        client_request_id=client_request_id,
+                    ) from None
                 self._sleep(budget.broken_wait(type(exc).__name__, client_request_id))
                 continue
             ids = self._answered(contract, units, response)
+            self.stats.count(writes=sent["writes"])
             status = response.status_code
-            if status in RETRY_STATUSES:
+            if status == 429 or (status in RETRY_STATUSES and repeatable):
                 retry_after = response.headers.get("Retry-After")
                 self._sleep(budget.status_wait(status, retry_after, f"HTTP {status}", ids))
                 continue
+            if status >= 500 and not repeatable:
+                raise WriteUncertain(
+                    reasons.RESTORE_OUTCOME_UNKNOWN,
+                    f"{contract.key}: HTTP {status}; not sent again, since it may have happened",
+                    contract_key=contract.key,
+                    status=status,
+                    **ids,
+                )
             if status >= 400:
                 raise response_error(contract, status, _json_or_none(response), "", ids)
             data = _json_or_none(response)
-            if not isinstance(data, dict):
-                self._sleep(budget.malformed_wait(status, ids))
-                continue
-            return data
+            if isinstance(data, dict):
+                return data
+            if write is not None:
+                return {}  # it happened: what Graph answered besides does not matter
+            self._sleep(budget.malformed_wait(status, ids))
 
     def _send(
         self, contract: Contract, url: str, body: Any, units: int, auth: EntraAuth
@@ -337,58 +362,14 @@ class GraphClient:
         sub_id: str | None = None,
         body: Any = None,
     ) -> dict[str, Any] | None:
-        """Send one write of a write contract; its answer's JSON object (None: no content).
-
-        Paced by the contract's own budget (Intune's writes have one of their own). A 429 is
-        retried after its Retry-After: Graph did nothing. Any other failure of a write that is
-        not safe to repeat (a create, an action that adds) is never sent again: no answer or a
-        5xx raises WriteUncertain, for the caller to look for what may have happened.
-        """
+        """Send one write of a write contract, paced by its own budget (Intune's writes have one
+        of their own); its answer's JSON object, None when Graph answered without one. See
+        :meth:`_request` for what is, and is never, sent again."""
         contract = self._contract(contract_key)
-        write = contract.write
-        if write is None:
+        if contract.write is None:
             raise ValueError(f"{contract_key} is not a write contract")
         url = self._url(contract, contract.write_path(item_id, sub_id))
-        self._check_url(contract, url)
-        repeatable = write.effect in REPEATABLE_EFFECTS
-        budget = RetryBudget(contract.key, self.stats, self._rng)
-        auth = self._auth(contract, 1, budget)
-        while True:
-            budget.attempts += 1
-            try:
-                response = self._send(contract, url, body, 1, auth)
-            except httpx.TransportError as exc:
-                self.stats.count(requests=1, request_units=1, writes=1)
-                client_request_id = exc.request.headers.get("client-request-id")
-                if not repeatable:
-                    raise WriteUncertain(
-                        reasons.RESTORE_OUTCOME_UNKNOWN,
-                        f"{contract_key}: no answer ({type(exc).__name__}); not sent again, "
-                        "since it may have happened",
-                        contract_key=contract_key,
-                        client_request_id=client_request_id,
-                    ) from None
-                self._sleep(budget.broken_wait(type(exc).__name__, client_request_id))
-                continue
-            ids = self._answered(contract, 1, response)
-            self.stats.count(writes=1)
-            status = response.status_code
-            if status == 429 or (status in RETRY_STATUSES and repeatable):
-                retry_after = response.headers.get("Retry-After")
-                self._sleep(budget.status_wait(status, retry_after, f"HTTP {status}", ids))
-                continue
-            if status >= 500 and not repeatable:
-                raise WriteUncertain(
-                    reasons.RESTORE_OUTCOME_UNKNOWN,
-                    f"{contract_key}: HTTP {status}; not sent again, since it may have happened",
-                    contract_key=contract_key,
-                    status=status,
-                    **ids,
-                )
-            if status >= 400:
-                raise response_error(contract, status, _json_or_none(response), "", ids)
-            data = _json_or_none(response) if response.content else None
-            return data if isinstance(data, dict) else None
+        return self._request(contract, url, body=body) or None
 
     def read_object(self, contract_key: str, item_id: str) -> dict[str, Any] | None:
         """One object of a writable policy collection as :meth:`read_policies` assembles it

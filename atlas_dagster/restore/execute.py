@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
@@ -28,8 +28,11 @@ from atlas_dagster.reasons import (
 )
 from atlas_dagster.restore import rules
 from atlas_dagster.restore import store as plans
-from atlas_dagster.restore.plan import REFERENCE_CONTRACTS, Log
+from atlas_dagster.restore.plan import REFERENCE_CONTRACTS
 from graph_contracts import CONTRACTS, Contract, canonical_json, object_name
+
+if TYPE_CHECKING:  # the assets' log (Dagster's), without importing Dagster here
+    from atlas_dagster.assets.common import Log
 
 # Results of an execution's items.
 CREATED, UPDATED, UNCHANGED, SKIPPED, BLOCKED = (
@@ -236,7 +239,10 @@ class Executor:
         if item.action == rules.UPDATE:
             assert item.target_external_id is not None
             live = self.client.read_object(contract.key, item.target_external_id)
-            if live is None or rules.view_hash(contract, live) != item.target_hash_at_plan:
+            if (
+                live is None
+                or rules.view_hash(contract, rules.view(contract, live)) != item.target_hash_at_plan
+            ):
                 result.result, result.reason_code = CONFLICT, RESTORE_CONFLICT
                 result.error = (
                     "the target was deleted since the plan"

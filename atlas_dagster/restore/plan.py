@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -42,12 +42,11 @@ from graph_contracts import (
     restore_skip,
 )
 
+if TYPE_CHECKING:  # the assets' log (Dagster's), without importing Dagster here
+    from atlas_dagster.assets.common import Log
+
 # References a policy names: created before the policies that use them.
 REFERENCE_CONTRACTS = ("scope_tags", "assignment_filters")
-
-
-class Log(Protocol):
-    def info(self, msg: str, /) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -362,7 +361,7 @@ class Planner:
                         fid = (a.get("target") or {}).get(
                             "deviceAndAppManagementAssignmentFilterId"
                         )
-                        if fid not in (None, "", "00000000-0000-0000-0000-000000000000"):
+                        if fid not in rules.NO_FILTER:
                             wanted.add(str(fid))
             for source_id in wanted:
                 obj = backed_refs.get(f"{key}:{source_id}")
@@ -422,7 +421,7 @@ class Planner:
         target = match.target
         target_id = str(target["id"]) if target is not None else None
         current = rules.view(contract, target) if target is not None else None
-        target_hash = rules.hash_of_view(contract, current) if current is not None else None
+        target_hash = rules.view_hash(contract, current) if current is not None else None
         if match.skipped:
             return self._row(b, rules.SKIP, reason=RESTORE_UNSUPPORTED, message=match.skipped)
         if match.blocked:

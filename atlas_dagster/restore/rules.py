@@ -20,12 +20,12 @@ from graph_contracts import (
     COMMON_VOLATILE,
     Contract,
     Write,
-    WriteContract,
     allowed_writes,
     canonical_json,
     content_hash,
     is_builtin,
     object_name,
+    policy_writes,
 )
 
 # Actions of a plan's items, and results of an execution's.
@@ -63,19 +63,14 @@ POLICY_SET_SOURCE = "policySets"
 CA_ENABLED, CA_REPORT_ONLY = "enabled", "enabledForReportingButNotEnforced"
 # Values in a conditional access policy that name no tenant object.
 _CA_KEYWORDS = frozenset({"All", "None", "GuestsOrExternalUsers", "AllTrusted"})
-_NO_FILTER = (None, "", "00000000-0000-0000-0000-000000000000")
-
-
-def writes_of(contract: Contract) -> WriteContract:
-    if contract.writes is None:
-        raise ValueError(f"{contract.key} takes no writes")
-    return contract.writes
+# What an assignment target names when it has no filter.
+NO_FILTER = (None, "", "00000000-0000-0000-0000-000000000000")
 
 
 def content_parts(contract: Contract) -> dict[str, list[Write]]:
     """The view's keys that nested writes carry, with the writes that carry each."""
     parts: dict[str, list[Write]] = {}
-    writes = writes_of(contract)
+    writes = policy_writes(contract)
     for write in (writes.assign, *writes.nested):
         if write is not None and write.source:
             parts.setdefault(write.source, []).append(write)
@@ -118,7 +113,7 @@ def direct_assignments(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def view(contract: Contract, obj: Mapping[str, Any]) -> dict[str, Any]:
     """The restorable view of ``obj``: what a restore writes of it, nothing Graph sets."""
-    writes = writes_of(contract)
+    writes = policy_writes(contract)
     parts = content_parts(contract)
     skip = (
         set(writes.read_only)
@@ -149,13 +144,9 @@ def _sorted(items: list[Any]) -> list[Any]:
     return sorted(items, key=canonical_json)
 
 
-def view_hash(contract: Contract, obj: Mapping[str, Any]) -> str:
-    """The hash a plan records of its target and an execution compares before writing: the
-    body, the nested content and the assignments (Intune has no ETags)."""
-    return hash_of_view(contract, view(contract, obj))
-
-
-def hash_of_view(contract: Contract, viewed: Mapping[str, Any]) -> str:
+def view_hash(contract: Contract, viewed: Mapping[str, Any]) -> str:
+    """The hash of a view (see :func:`view`) that a plan records of its target and an execution
+    compares before writing: body, nested content and assignments (Intune has no ETags)."""
     return content_hash(contract, viewed)
 
 
@@ -227,7 +218,7 @@ def map_references(contract: Contract, obj: Mapping[str, Any], refs: References)
         if target.get("groupId"):
             target["groupId"] = one("group", refs.groups, str(target["groupId"]))
         filter_id = target.get("deviceAndAppManagementAssignmentFilterId")
-        if filter_id not in _NO_FILTER:
+        if filter_id not in NO_FILTER:
             target["deviceAndAppManagementAssignmentFilterId"] = one(
                 "assignment filter", refs.filters, str(filter_id)
             )
@@ -440,7 +431,7 @@ def _key(element: Any, source: str) -> str:
 
 
 def _body(contract: Contract, wanted: Mapping[str, Any], *, create: bool) -> dict[str, Any]:
-    writes = writes_of(contract)
+    writes = policy_writes(contract)
     parts = content_parts(contract)
     out = {k: copy.deepcopy(v) for k, v in wanted.items() if k not in parts}
     if not create:
@@ -470,7 +461,7 @@ def plan_writes(
     changed piece of nested content in the way Graph writes it, one per changed assignment set.
     ``target_obj`` (the live object) names elements Graph gave ids, and which writes a built-in
     object takes."""
-    writes = writes_of(contract)
+    writes = policy_writes(contract)
     out = ItemWrites()
     allowed = set(allowed_writes(contract, target_obj or source_obj))
     parts = content_parts(contract)

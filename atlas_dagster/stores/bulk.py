@@ -125,7 +125,7 @@ def storable_rows(
 
 
 def _is_json(column: sa.Column) -> bool:
-    return isinstance(column.type, sa.JSON | JSONType)
+    return isinstance(column.type, JSONType)
 
 
 def _is_text(column: sa.Column, keep: Iterable[str]) -> bool:
