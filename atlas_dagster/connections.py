@@ -17,7 +17,14 @@ def ensure_partitions(instance: dg.DagsterInstance, keys: list[str]) -> list[str
     assert name is not None
     added, _ = partition_changes(list(instance.get_dynamic_partitions(name)), keys)
     if added:
-        instance.add_dynamic_partitions(name, added)
+        try:
+            instance.add_dynamic_partitions(name, added)
+        except Exception:
+            # Dagster checks, then inserts: a concurrent start or tick that added the same
+            # partition between the two breaks its unique index. That is success for us.
+            missing, _ = partition_changes(list(instance.get_dynamic_partitions(name)), keys)
+            if missing:
+                raise
     return added
 
 

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import pytest
 import sqlalchemy as sa
 
 from atlas_dagster import schema
@@ -93,3 +94,31 @@ def test_partitions_follow_the_config_and_removed_data_stays(tmp_path, sqlite_ur
     with database.engine().connect() as conn:
         keys = {r.key for r in conn.execute(sa.select(schema.provider_connections.c.key))}
     assert keys == {"contoso", "fabrikam"}
+
+
+def test_a_partition_another_start_added_in_the_meantime_is_not_an_error():
+    """Dagster reads, then inserts: a concurrent start that inserts the same key in between
+    breaks the unique index under this start's insert. The key is there, which is all a start
+    needs."""
+    name = provider_connection_partitions.name
+    with dg.instance_for_test() as instance:
+        real_add = instance.add_dynamic_partitions
+
+        def raced(partitions_def_name, partition_keys):
+            real_add(partitions_def_name, partition_keys)  # the other start wins
+            raise sa.exc.IntegrityError("INSERT INTO dynamic_partitions", {}, Exception("UNIQUE"))
+
+        instance.add_dynamic_partitions = raced
+        assert ensure_partitions(instance, ["contoso"]) == ["contoso"]
+        assert instance.get_dynamic_partitions(name) == ["contoso"]
+
+
+def test_a_failed_partition_add_that_left_the_key_missing_is_raised():
+    with dg.instance_for_test() as instance:
+
+        def broken(partitions_def_name, partition_keys):
+            raise RuntimeError("storage down")
+
+        instance.add_dynamic_partitions = broken
+        with pytest.raises(RuntimeError, match="storage down"):
+            ensure_partitions(instance, ["contoso"])
