@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import timedelta
@@ -468,13 +470,25 @@ def _runs(env: Env) -> list[dict[str, Any]]:
     return json.loads(out)["operation_runs"]
 
 
-def test_a_plan_is_taken_once(env):
+def test_a_plan_is_taken_once_by_concurrent_executions(env):
     set_id = env.backup()
     plan_id = env.plan(set_id, types=("device_categories",))
     now = schema.utcnow()
-    assert plans.take(env.engine, plan_id, 1, now) is True
-    assert plans.take(env.engine, plan_id, 2, now) is False
-    assert plans.get_plan(env.engine, plan_id).execute_operation_run_id == 1
+    # Any ledger rows serve as the racing executions' rows (the plan references one).
+    with env.engine.connect() as conn:
+        run_ids = list(conn.execute(sa.select(schema.operation_runs.c.id)).scalars())
+    assert len(run_ids) >= 2
+    barrier = threading.Barrier(len(run_ids))
+
+    def take(run_id: int) -> bool:
+        barrier.wait()
+        return plans.take(env.engine, plan_id, run_id, now)
+
+    with ThreadPoolExecutor(max_workers=len(run_ids)) as pool:
+        taken = list(pool.map(take, run_ids))
+    [winner] = [run_id for run_id, won in zip(run_ids, taken, strict=True) if won]
+    assert plans.get_plan(env.engine, plan_id).execute_operation_run_id == winner
+    assert plans.take(env.engine, plan_id, run_ids[0], now) is False
 
 
 def test_runs_of_the_execute_job_without_their_plan_write_nothing(env):
