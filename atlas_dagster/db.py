@@ -58,7 +58,7 @@ def ready_engine(config: AtlasConfig) -> Engine:
     with _lock:
         if config in _ready:
             return engine
-    if current_revision(engine) != head_revision():
+    if current_revision(engine) != HEAD_REVISION:
         upgrade(engine)
     sync_config(engine, config)
     with _lock:
@@ -70,11 +70,7 @@ def read_engine(config: AtlasConfig) -> Engine:
     """An engine for reading: the database must already be at the head revision; nothing is
     migrated or written."""
     engine = engine_for(config.database_url)
-    try:
-        with read_connection(engine) as conn:
-            revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    except sa.exc.DBAPIError:
-        revision = None
+    revision = current_revision(engine)
     if revision != HEAD_REVISION:
         where = f"at revision {revision}" if revision else "not set up"
         raise DatabaseNotReady(
@@ -230,11 +226,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    # Every command asks; it inspects the schema before it selects anything.
-    with read_connection(engine) as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    """The database's migration revision; None before the first migration. Every command asks,
+    so it is one SELECT (Alembic's own check imports it and inspects the schema first)."""
+    try:
+        with read_connection(engine) as conn:
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    except sa.exc.DBAPIError:
+        return None
 
 
 def sync_config(engine: Engine, config: AtlasConfig) -> dict[str, int]:

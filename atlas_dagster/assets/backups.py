@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from atlas_dagster.assets.common import (
     Log,
+    Progress,
     connection_for_run,
     graph_counts,
     int_metadata,
@@ -176,7 +177,7 @@ def run_backup(
     carried = 0
     try:
         # The types are read side by side while the set is prepared, and stored here, in order.
-        with client.policy_reads(plan.read_types) as reads:
+        with client.policy_reads(plan.read_types) as reads, Progress(log) as progress:
             groups, filters = store.cached_names(engine, conn_id)
             if plan.carry_from is not None:
                 carried = store.carry_items(engine, plan.carry_from, set_id, plan.carry_types)
@@ -196,11 +197,10 @@ def run_backup(
                     failures.append(failure(exc.reason_code, exc.message, key))
                     if handle is not None:
                         handle.fail(exc.reason_code, exc.message, key)
-                if log is not None:
-                    log.info(
-                        f"{key}: {result.stored.items} items, {result.stored.new_payloads} new "
-                        "payloads" + (f" ({result.error.reason_code})" if result.error else "")
-                    )
+                progress.add(
+                    f"{key}: {result.stored.items} items, {result.stored.new_payloads} new "
+                    "payloads" + (f" ({result.error.reason_code})" if result.error else "")
+                )
     except BaseException as exc:
         # Cancelling a run raises a BaseException: the set is finished as failed all the same.
         failures.append(failure_of(exc))

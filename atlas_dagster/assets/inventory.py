@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from atlas_dagster import schema
 from atlas_dagster.assets.common import (
     Log,
+    Progress,
     connection_for_run,
     freshness_result,
     graph_counts,
@@ -227,7 +228,7 @@ def run_inventory_sync(
     before = client.stats.as_dict()
     results: list[ContractResult] = []
     # The contracts are read side by side; each is written here, in order, once it is read.
-    with client.policy_reads(contract_keys) as reads:
+    with client.policy_reads(contract_keys) as reads, Progress(log) as progress:
         for read in reads:
             key = read.contract_key
             result = sync_contract(
@@ -240,13 +241,12 @@ def run_inventory_sync(
                 accepted=frozenset((accepted or {}).get(key, ())),
             )
             results.append(result)
-            if log is not None:
-                log.info(
-                    f"{key}: {result.seen} items, +{len(result.created)} ~{len(result.updated)} "
-                    f"-{len(result.deleted)}"
-                    + (f", {len(result.held_back)} deletions held" if result.held_back else "")
-                    + (f" ({result.error.reason_code})" if result.error else "")
-                )
+            progress.add(
+                f"{key}: {result.seen} items, +{len(result.created)} ~{len(result.updated)} "
+                f"-{len(result.deleted)}"
+                + (f", {len(result.held_back)} deletions held" if result.held_back else "")
+                + (f" ({result.error.reason_code})" if result.error else "")
+            )
             if handle is not None:
                 for message in object_failures(result):
                     handle.fail(PROVIDER_BAD_RESPONSE, message, key)
