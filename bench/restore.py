@@ -32,7 +32,8 @@ completes, before the sync starts: the command without the sync, start-up includ
 run set-up falls outside its row. ``*_row_s`` are ledger rows' started → completed, the rest of
 a wall time being process start-up and Dagster's run machinery; ``reference`` times
 ``atlas-dagster --help`` and an in-process ``provider_connection.verify`` (a few reads) for
-comparison.
+comparison, and how fast this machine starts Python and imports Dagster (machines of one kind
+differ: the same commands took half again as long on a slower one).
 
     python bench/restore.py [--latency-ms 30] [--database-url postgresql://...] [-v]
 
@@ -51,7 +52,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from served import served
+from served import machine, served
 
 GOAL_S = 3.0
 MAX_WRITE_OVERHEAD = 1.10
@@ -269,6 +270,7 @@ def run(database_url: str, latency_ms: float, workdir: Path, verbose: bool = Fal
             "help_s": round(help_s, 2),
             "verify_s": round(verify_s, 2),
             "verify_row_s": _seconds(verify["operation_run"]),
+            **machine(),
         },
         "peer": PEER,
     }

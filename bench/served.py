@@ -97,6 +97,21 @@ class Cli:
         return answer, wall, answered if answered is not None else wall
 
 
+def machine(tries: int = 3) -> dict[str, float]:
+    """How fast this machine starts Python and imports Dagster (best of ``tries``): the fixed
+    cost in every command's wall time, printed so numbers from different machines compare."""
+
+    def best(code: str) -> float:
+        times = []
+        for _ in range(tries):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times.append(time.perf_counter() - started)
+        return round(min(times), 2)
+
+    return {"python_start_s": best("pass"), "import_dagster_s": best("import dagster")}
+
+
 @contextmanager
 def served(sim: Any, database_url: str, workdir: Path, verbose: bool = False) -> Iterator[Cli]:
     """``sim`` served on loopback while the block runs, and the commands to run against it."""
