@@ -633,6 +633,18 @@ _contracts: list[Contract] = [
         throttle="directory",
         policy=True,
     ),
+    # The named locations conditional access policies name: read by a restore to map them into
+    # the target tenant (by id, else by display name), not cached or backed up.
+    Contract(
+        key="named_locations",
+        title="Named locations",
+        path="/identity/conditionalAccess/namedLocations",
+        api_version="v1.0",
+        select=("id", "displayName"),
+        permissions=(POLICY,),
+        modified_field="modifiedDateTime",
+        throttle="directory",
+    ),
     # --- Tenant administration --------------------------------------------------------------
     Contract(
         key="assignment_filters",

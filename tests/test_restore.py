@@ -340,6 +340,53 @@ def test_a_set_restored_into_another_tenant_maps_groups_by_name_or_blocks(env):
     assert env.sims["contoso"].stats.per_contract["compliance_policies.create"] == 0
 
 
+def test_named_locations_map_into_another_tenant_by_name_or_block_the_policy(env):
+    source, target = env.tenant, env.sims["fabrikam"].tenant
+    location = {"@odata.type": "#microsoft.graph.ipNamedLocation", "isTrusted": True}
+    hq, lab = (
+        source.add_policy("named_locations", {**location, "displayName": n}) for n in ("HQ", "Lab")
+    )
+    target_hq = target.add_policy("named_locations", {**location, "displayName": "HQ"})
+    base = source.policies("conditional_access_policies")[0]
+    policies = []
+    for name, where in (("CA - outside HQ", hq), ("CA - in the lab", lab)):
+        obj = copy.deepcopy(base)
+        obj.pop("id")
+        obj["displayName"] = name
+        obj["conditions"]["users"].update(includeUsers=["All"], includeGroups=[], excludeGroups=[])
+        obj["conditions"]["locations"] = {
+            "includeLocations": ["All"],
+            "excludeLocations": ["AllTrusted", where["id"]],
+        }
+        policies.append(source.add_policy("conditional_access_policies", obj))
+    set_id = env.backup()
+
+    plan_id = env.plan(set_id, connection="fabrikam", items=tuple(o["id"] for o in policies))
+    items = {i.source_external_id: i for i in env.items(plan_id)}
+    mapped, unmapped = (items[o["id"]] for o in policies)
+    assert mapped.action == rules.CREATE, mapped.message
+    excluded = mapped.planned_view["conditions"]["locations"]["excludeLocations"]
+    assert excluded == ["AllTrusted", target_hq["id"]]
+    assert (unmapped.action, unmapped.reason_code) == (rules.BLOCKED, "restore_reference_unmapped")
+    assert "'Lab'" in (unmapped.message or "")
+    row = env.execute(plan_id, connection="fabrikam")
+    assert [f["reason_code"] for f in row.failure_summary] == ["restore_reference_unmapped"]
+    created = {o["displayName"]: o for o in target.policies("conditional_access_policies")}
+    assert created["CA - outside HQ"]["conditions"]["locations"]["excludeLocations"] == excluded
+    assert "CA - in the lab" not in created
+
+    # Into its own tenant a location keeps its id, and one that is gone blocks the policy.
+    source.delete_policy("named_locations", lab["id"])
+    for obj in policies:
+        source.delete_policy("conditional_access_policies", obj["id"])
+    plan_id = env.plan(set_id, items=tuple(o["id"] for o in policies))
+    items = {i.source_external_id: i for i in env.items(plan_id)}
+    mapped, unmapped = (items[o["id"]] for o in policies)
+    assert mapped.action == rules.CREATE
+    assert mapped.planned_view["conditions"]["locations"]["excludeLocations"][1] == hq["id"]
+    assert (unmapped.action, unmapped.reason_code) == (rules.BLOCKED, "restore_reference_unmapped")
+
+
 # --- safety --------------------------------------------------------------------------------------
 
 

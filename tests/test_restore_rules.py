@@ -271,3 +271,33 @@ def test_references_map_to_the_target_or_block_the_item():
         "new-filter"
     )
     assert missing == []
+
+
+def test_named_locations_of_a_ca_policy_are_mapped_or_block_it():
+    ca_contract = CONTRACTS["conditional_access_policies"]
+    refs = rules.References(
+        same_tenant=False,
+        locations={"loc-hq": "target-hq"},
+        why_not={"loc-lab": "no named location named 'Lab' in the target"},
+    )
+    ca = {
+        "conditions": {
+            "users": {"includeUsers": ["All"]},
+            "locations": {
+                "includeLocations": ["All"],
+                "excludeLocations": ["AllTrusted", "loc-hq"],
+            },
+        }
+    }
+    assert rules.named_locations(ca) == {"loc-hq"}
+    mapped = rules.map_references(ca_contract, ca, refs)
+    assert mapped.obj["conditions"]["locations"]["excludeLocations"] == ["AllTrusted", "target-hq"]
+    assert ca["conditions"]["locations"]["excludeLocations"][1] == "loc-hq", "backup unchanged"
+    assert mapped.problems == []
+    ca["conditions"]["locations"]["excludeLocations"].append("loc-lab")
+    blocked = rules.map_references(ca_contract, ca, refs)
+    assert blocked.problems == [
+        ("restore_reference_unmapped", "no named location named 'Lab' in the target")
+    ]
+    # A policy without locations (Graph returns null) names none.
+    assert rules.named_locations({"conditions": {"locations": None}}) == set()

@@ -3,6 +3,7 @@ tenant and stores what a restore of a backup set would do; ``restore_execution``
 ``restore.execute``) executes one plan, once. Both are partitioned by connection; the plan's
 items, and the execution's results, are their runs' metadata."""
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from atlas_dagster.assets.common import (
     int_metadata,
     markdown_table,
 )
-from atlas_dagster.config import AtlasConfig
+from atlas_dagster.config import AtlasConfig, ProviderConnection
 from atlas_dagster.connections import provider_connection_partitions
 from atlas_dagster.ledger.job import operation_scope
 from atlas_dagster.ledger.run_types import Outcome
@@ -44,15 +45,23 @@ def tenant_of(config: AtlasConfig, key: str) -> str | None:
     return client_for(connection).connection.tenant_id
 
 
-def _source_tenant(config: AtlasConfig, engine: sa.Engine, connection_id: int) -> str | None:
+def _source(
+    config: AtlasConfig, engine: sa.Engine, connection_id: int
+) -> tuple[ProviderConnection | None, str | None]:
+    """The backup's connection as configured now (None once it left the config), and the
+    tenant it signs in to (else the one recorded)."""
     pc = schema.provider_connections
     with engine.connect() as conn:
         row = conn.execute(
             sa.select(pc.c.key, pc.c.tenant_id).where(pc.c.id == connection_id)
         ).first()
     if row is None:
-        return None
-    return tenant_of(config, row.key) or row.tenant_id
+        return None, None
+    try:
+        connection = config.connection(row.key)
+    except KeyError:
+        return None, row.tenant_id
+    return connection, tenant_of(config, row.key) or row.tenant_id
 
 
 def _newest_set(engine: sa.Engine, connection_key: str) -> int:
@@ -118,20 +127,28 @@ def restore_plan(
             set_id, selection = _newest_set(engine, connection.key), Selection()
         backup = require_set(engine, set_id)
         client = graph.client(connection)
-        before = client.stats.as_dict()
+        source, source_tenant = _source(database.config(), engine, backup.provider_connection_id)
+        # Another tenant's set: the names of what its policies name are read from there.
+        source_client = (
+            graph.client(source) if source is not None and source.key != connection.key else None
+        )
+        clients = [c for c in (client, source_client) if c is not None]
+        before = [c.stats.as_dict() for c in clients]
         planner = Planner(
             client,
             handle.fenced(engine),
             connection_id=conn_id,
             source_connection_id=backup.provider_connection_id,
-            source_tenant_id=_source_tenant(
-                database.config(), engine, backup.provider_connection_id
-            ),
+            source_tenant_id=source_tenant,
+            source_client=source_client,
             log=context.log,
         )
         result = planner.plan(set_id, selection, handle.id)
         handle.set_context(restore_run_id=result.plan_id, backup_schedule_run_id=set_id)
-        handle.progress(**result.summary, **graph_counts(client.stats.since(before)))
+        traffic = Counter[str]()
+        for c, b in zip(clients, before, strict=True):
+            traffic.update(c.stats.since(b))
+        handle.progress(**result.summary, **graph_counts(traffic))
         context.log.info(f"restore plan #{result.plan_id}: {result.summary}")
         return dg.MaterializeResult(
             metadata={

@@ -221,6 +221,16 @@ def _map_by_name(
         refs.why_not[source_id] = f"no {kind} named {name!r} in the target"
 
 
+def _named_locations(client: GraphClient) -> dict[str, str]:
+    """A tenant's named locations: id → display name."""
+    return {
+        str(o["id"]): str(o.get("displayName") or "")
+        for page in client.pages("named_locations")
+        for o in page
+        if o.get("id")
+    }
+
+
 class Planner:
     """Builds one plan: the target read live, each backed-up item matched, mapped and diffed."""
 
@@ -233,12 +243,16 @@ class Planner:
         source_connection_id: int,
         source_tenant_id: str | None,
         log: Log,
+        source_client: GraphClient | None = None,
     ):
         self.client = client
         self.engine = engine
         self.connection_id = connection_id
         self.source_connection_id = source_connection_id
         self.source_tenant_id = source_tenant_id
+        # The backup's own tenant, when it is another and still configured: where the names
+        # of the named locations its policies name are read.
+        self.source_client = source_client
         self.log = log
 
     def plan(self, set_id: int, selection: Selection, operation_run_id: int | None) -> PlanResult:
@@ -343,6 +357,7 @@ class Planner:
                 refs,
                 refs.groups,
             )
+        self._map_locations(backed, refs)
         restored = {(b.contract.key, b.external_id) for b in backed}
         filter_names = _filter_names(backed)
         for key, table in (("assignment_filters", refs.filters), ("scope_tags", refs.scope_tags)):
@@ -380,6 +395,41 @@ class Planner:
                     created_here,
                 )
         return refs
+
+    def _map_locations(self, backed: list[_Backed], refs: rules.References) -> None:
+        """Named locations map like groups: the same id where the target has it, else the one
+        target location of the source's name. Read only when a policy names one."""
+        wanted = sorted({v for b in backed for v in rules.named_locations(b.obj)})
+        if not wanted:
+            return
+        try:
+            live = _named_locations(self.client)
+        except GraphError as exc:
+            if exc.reason_code in FATAL_FOR_ALL_TYPES:
+                raise
+            for source_id in wanted:
+                refs.why_not[source_id] = f"the target's named locations: {exc.message}"
+            return
+        by_name: dict[str, list[str]] = {}
+        for location_id, name in live.items():
+            by_name.setdefault(name, []).append(location_id)
+        names: dict[str, str] = {}
+        if self.source_client is not None and not set(wanted) <= live.keys():
+            try:
+                names = _named_locations(self.source_client)
+            except GraphError as exc:
+                # Only these names are lost: their policies are blocked, the rest is planned.
+                self.log.info(f"the source tenant's named locations: {exc.message}")
+        for source_id in wanted:
+            _map_by_name(
+                "named location",
+                source_id,
+                names.get(source_id),
+                set(live),
+                by_name,
+                refs,
+                refs.locations,
+            )
 
     def _row(
         self,

@@ -26,6 +26,9 @@ from atlas_dagster.simulator.odata import contract_shape, shape
 from graph_contracts import CONTRACTS, POLICY_CONTRACTS, Contract, is_builtin
 
 _EPOCH_TS = int(p.EPOCH.timestamp())
+# Directory objects a tenant holds besides its policies; a generated tenant has none (a test
+# adds them with add_policy), so no profile's reads change.
+DIRECTORY_OBJECTS = frozenset({"named_locations"})
 
 
 @dataclass(frozen=True)
@@ -322,7 +325,7 @@ class SimulatedTenant:
         with self.lock:
             store = self._policies.get(contract_key)
             if store is None:
-                if contract_key not in POLICY_CONTRACTS:
+                if contract_key not in POLICY_CONTRACTS and contract_key not in DIRECTORY_OBJECTS:
                     raise KeyError(f"{contract_key} is not a policy contract")
                 store = self._policies[contract_key] = {}
                 for obj in self._generate(contract_key):
@@ -339,6 +342,8 @@ class SimulatedTenant:
         )
 
     def _generate(self, key: str) -> list[dict[str, Any]]:
+        if key in DIRECTORY_OBJECTS:
+            return []
         rng = random.Random(f"{self.profile}|{self.seed}|{key}")
         ctx = self._ctx(rng)
         count = rng.randint(*self.spec.per_type)
