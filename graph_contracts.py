@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+from urllib.parse import quote
 
 from atlas_dagster.reasons import RESTORE_SECRET_UNAVAILABLE, RESTORE_UNSUPPORTED
 
@@ -214,10 +215,15 @@ class Contract:
             return (*self.details, Detail("assignments", self.assignments, "collection"))
         return self.details
 
-    def relative_url(self, item_id: str | None = None, *, top: int | None = None) -> str:
-        """The request path and query (without version root) for this contract."""
+    def relative_url(
+        self, item_id: str | None = None, *, top: int | None = None, where: str | None = None
+    ) -> str:
+        """The request path and query (without version root) for this contract; ``where`` an
+        OData ``$filter`` expression (see :func:`odata_eq`)."""
         path = self.path.replace("{id}", _quote_id(item_id)) if self.is_item_read else self.path
         query: list[str] = []
+        if where is not None:
+            query.append("$filter=" + quote(where, safe="'"))
         if self.select:
             query.append("$select=" + ",".join(self.select))
         if self.expand:
@@ -236,6 +242,11 @@ class Contract:
         if "{sub_id}" in path:
             path = path.replace("{sub_id}", _quote_id(sub_id))
         return path
+
+
+def odata_eq(field_name: str, value: str) -> str:
+    """``field eq 'value'``, the value an OData string literal (a quote in it doubled)."""
+    return f"{field_name} eq '{value.replace(chr(39), chr(39) * 2)}'"
 
 
 # One path segment that names an item: never "." or "..", which would move up the path.
@@ -269,6 +280,7 @@ RBAC = "DeviceManagementRBAC.Read.All"
 DEVICES = "DeviceManagementManagedDevices.Read.All"
 POLICY = "Policy.Read.All"
 GROUPS = "GroupMember.Read.All"
+USERS = "User.Read.All"
 # Their ReadWrite variants, which writes need.
 CONFIG_RW = "DeviceManagementConfiguration.ReadWrite.All"
 SERVICE_RW = "DeviceManagementServiceConfig.ReadWrite.All"
@@ -644,6 +656,31 @@ _contracts: list[Contract] = [
         permissions=(POLICY,),
         modified_field="modifiedDateTime",
         throttle="directory",
+    ),
+    # The users conditional access policies name: a restore looks each one up by id, and into
+    # another tenant by display name (``$filter``), never listing the directory.
+    Contract(
+        key="users",
+        title="Users",
+        path="/users",
+        api_version="v1.0",
+        select=("id", "displayName", "userPrincipalName"),
+        page_size=999,
+        permissions=(USERS,),
+        modified_field=None,
+        throttle="directory",
+    ),
+    Contract(
+        key="users.get",
+        title="Users: one user",
+        path="/users/{id}",
+        api_version="v1.0",
+        select=("id", "displayName", "userPrincipalName"),
+        paging="none",
+        permissions=(USERS,),
+        modified_field=None,
+        throttle="directory",
+        parent="users",
     ),
     # --- Tenant administration --------------------------------------------------------------
     Contract(

@@ -220,7 +220,7 @@ def test_next_link_to_a_path_outside_the_contract_is_refused():
 def test_unknown_contract_is_refused():
     client, tenant, _ = make(routes(page([])))
     with pytest.raises(ValueError):
-        list(client.pages("users"))
+        list(client.pages("mailboxes"))
     assert tenant.requests == []
 
 

@@ -340,51 +340,80 @@ def test_a_set_restored_into_another_tenant_maps_groups_by_name_or_blocks(env):
     assert env.sims["contoso"].stats.per_contract["compliance_policies.create"] == 0
 
 
-def test_named_locations_map_into_another_tenant_by_name_or_block_the_policy(env):
+def test_users_and_named_locations_map_into_another_tenant_by_name_or_block_the_policy(env):
     source, target = env.tenant, env.sims["fabrikam"].tenant
     location = {"@odata.type": "#microsoft.graph.ipNamedLocation", "isTrusted": True}
     hq, lab = (
         source.add_policy("named_locations", {**location, "displayName": n}) for n in ("HQ", "Lab")
     )
     target_hq = target.add_policy("named_locations", {**location, "displayName": "HQ"})
+    user = {"@odata.type": "#microsoft.graph.user"}
+    glass, ops = (
+        source.add_policy("users", {**user, "displayName": n}) for n in ("Break Glass", "Ops Admin")
+    )
+    target_glass = target.add_policy("users", {**user, "displayName": "Break Glass"})
+    for _ in range(2):
+        target.add_policy("users", {**user, "displayName": "Ops Admin"})
     base = source.policies("conditional_access_policies")[0]
     policies = []
-    for name, where in (("CA - outside HQ", hq), ("CA - in the lab", lab)):
+    for name, excluded_user, excluded_location in (
+        ("CA - outside HQ", glass, hq),
+        ("CA - in the lab", None, lab),
+        ("CA - ops", ops, None),
+    ):
         obj = copy.deepcopy(base)
         obj.pop("id")
         obj["displayName"] = name
-        obj["conditions"]["users"].update(includeUsers=["All"], includeGroups=[], excludeGroups=[])
+        obj["conditions"]["users"].update(
+            includeUsers=["All"],
+            excludeUsers=[excluded_user["id"]] if excluded_user else [],
+            includeGroups=[],
+            excludeGroups=[],
+        )
         obj["conditions"]["locations"] = {
             "includeLocations": ["All"],
-            "excludeLocations": ["AllTrusted", where["id"]],
+            "excludeLocations": [
+                "AllTrusted",
+                *([excluded_location["id"]] if excluded_location else []),
+            ],
         }
         policies.append(source.add_policy("conditional_access_policies", obj))
     set_id = env.backup()
+    chosen = tuple(o["id"] for o in policies)
 
-    plan_id = env.plan(set_id, connection="fabrikam", items=tuple(o["id"] for o in policies))
-    items = {i.source_external_id: i for i in env.items(plan_id)}
-    mapped, unmapped = (items[o["id"]] for o in policies)
+    plan_id = env.plan(set_id, connection="fabrikam", items=chosen)
+    mapped, no_lab, two_ops = (
+        {i.source_external_id: i for i in env.items(plan_id)}[o["id"]] for o in policies
+    )
     assert mapped.action == rules.CREATE, mapped.message
-    excluded = mapped.planned_view["conditions"]["locations"]["excludeLocations"]
-    assert excluded == ["AllTrusted", target_hq["id"]]
-    assert (unmapped.action, unmapped.reason_code) == (rules.BLOCKED, "restore_reference_unmapped")
-    assert "'Lab'" in (unmapped.message or "")
+    conditions = mapped.planned_view["conditions"]
+    assert conditions["users"]["excludeUsers"] == [target_glass["id"]]
+    assert conditions["locations"]["excludeLocations"] == ["AllTrusted", target_hq["id"]]
+    for item, why in ((no_lab, "'Lab'"), (two_ops, "2 users in the target are named 'Ops Admin'")):
+        assert (item.action, item.reason_code) == (rules.BLOCKED, "restore_reference_unmapped")
+        assert why in (item.message or ""), item.message
     row = env.execute(plan_id, connection="fabrikam")
-    assert [f["reason_code"] for f in row.failure_summary] == ["restore_reference_unmapped"]
+    assert [f["reason_code"] for f in row.failure_summary] == ["restore_reference_unmapped"] * 2
     created = {o["displayName"]: o for o in target.policies("conditional_access_policies")}
-    assert created["CA - outside HQ"]["conditions"]["locations"]["excludeLocations"] == excluded
-    assert "CA - in the lab" not in created
+    assert created["CA - outside HQ"]["conditions"]["users"] == {
+        **base["conditions"]["users"],
+        **conditions["users"],
+    }
+    assert created["CA - outside HQ"]["conditions"]["locations"] == conditions["locations"]
+    assert "CA - in the lab" not in created and "CA - ops" not in created
 
-    # Into its own tenant a location keeps its id, and one that is gone blocks the policy.
+    # Into its own tenant ids stay as they are; a location that is gone blocks its policy.
     source.delete_policy("named_locations", lab["id"])
     for obj in policies:
         source.delete_policy("conditional_access_policies", obj["id"])
-    plan_id = env.plan(set_id, items=tuple(o["id"] for o in policies))
-    items = {i.source_external_id: i for i in env.items(plan_id)}
-    mapped, unmapped = (items[o["id"]] for o in policies)
-    assert mapped.action == rules.CREATE
+    plan_id = env.plan(set_id, items=chosen)
+    mapped, no_lab, ops_item = (
+        {i.source_external_id: i for i in env.items(plan_id)}[o["id"]] for o in policies
+    )
+    assert mapped.action == ops_item.action == rules.CREATE
     assert mapped.planned_view["conditions"]["locations"]["excludeLocations"][1] == hq["id"]
-    assert (unmapped.action, unmapped.reason_code) == (rules.BLOCKED, "restore_reference_unmapped")
+    assert ops_item.planned_view["conditions"]["users"]["excludeUsers"] == [ops["id"]]
+    assert (no_lab.action, no_lab.reason_code) == (rules.BLOCKED, "restore_reference_unmapped")
 
 
 # --- safety --------------------------------------------------------------------------------------

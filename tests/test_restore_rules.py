@@ -273,31 +273,42 @@ def test_references_map_to_the_target_or_block_the_item():
     assert missing == []
 
 
-def test_named_locations_of_a_ca_policy_are_mapped_or_block_it():
+def test_users_and_named_locations_of_a_ca_policy_are_mapped_or_block_it():
     ca_contract = CONTRACTS["conditional_access_policies"]
     refs = rules.References(
         same_tenant=False,
+        users={"u-admin": "target-admin"},
         locations={"loc-hq": "target-hq"},
         why_not={"loc-lab": "no named location named 'Lab' in the target"},
     )
     ca = {
         "conditions": {
-            "users": {"includeUsers": ["All"]},
+            "users": {
+                "includeUsers": ["All"],
+                "excludeUsers": ["u-admin", "GuestsOrExternalUsers"],
+            },
             "locations": {
                 "includeLocations": ["All"],
                 "excludeLocations": ["AllTrusted", "loc-hq"],
             },
         }
     }
-    assert rules.named_locations(ca) == {"loc-hq"}
+    assert rules.ca_references(ca, "user") == {"u-admin"}
+    assert rules.ca_references(ca, "named location") == {"loc-hq"}
     mapped = rules.map_references(ca_contract, ca, refs)
+    assert mapped.obj["conditions"]["users"]["excludeUsers"] == [
+        "target-admin",
+        "GuestsOrExternalUsers",
+    ]
     assert mapped.obj["conditions"]["locations"]["excludeLocations"] == ["AllTrusted", "target-hq"]
     assert ca["conditions"]["locations"]["excludeLocations"][1] == "loc-hq", "backup unchanged"
     assert mapped.problems == []
     ca["conditions"]["locations"]["excludeLocations"].append("loc-lab")
+    ca["conditions"]["users"]["excludeUsers"].append("u-gone")
     blocked = rules.map_references(ca_contract, ca, refs)
     assert blocked.problems == [
-        ("restore_reference_unmapped", "no named location named 'Lab' in the target")
+        ("restore_reference_unmapped", "user u-gone has no match in the target"),
+        ("restore_reference_unmapped", "no named location named 'Lab' in the target"),
     ]
     # A policy without locations (Graph returns null) names none.
-    assert rules.named_locations({"conditions": {"locations": None}}) == set()
+    assert rules.ca_references({"conditions": {"locations": None}}, "named location") == set()

@@ -22,7 +22,7 @@ from atlas_dagster.simulator import (
     uninstall_simulator,
 )
 from atlas_dagster.simulator.auth import b64url, decode_jwt_part
-from graph_contracts import CONTRACTS, POLICY_CONTRACTS, all_permissions
+from graph_contracts import CONTRACTS, POLICY_CONTRACTS, all_permissions, odata_eq
 
 GRAPH = "https://graph.microsoft.com"
 LOGIN = "https://login.microsoftonline.com"
@@ -287,6 +287,22 @@ def test_lists_honour_select_and_only_the_expansions_a_contract_names(graph, sim
     ]
     rules = [r for o in compliance for r in o["scheduledActionsForRule"]]
     assert rules and all("scheduledActionConfigurations" in r for r in rules)
+
+
+def test_users_are_found_by_display_name_filter_and_other_clauses_are_refused(graph, sim):
+    user = {"@odata.type": "#microsoft.graph.user"}
+    wanted = sim.tenant.add_policy("users", {**user, "displayName": "O'Brien"})
+    sim.tenant.add_policy("users", {**user, "displayName": "OBrien"})
+    url = "/v1.0" + CONTRACTS["users"].relative_url(where=odata_eq("displayName", "O'Brien"))
+    assert "'O''Brien'" in url and " " not in url
+    found = graph.get(url).json()["value"]
+    assert [u["id"] for u in found] == [wanted["id"]]
+    assert set(found[0]) == {"@odata.type", "id", "displayName"}  # as $select asks
+    one = graph.get("/v1.0" + CONTRACTS["users.get"].relative_url(wanted["id"]))
+    assert one.status_code == 200 and one.json()["displayName"] == "O'Brien"
+    assert graph.get("/v1.0/users/not-there").status_code == 404
+    refused = graph.get("/v1.0/users?$filter=startswith(displayName,'O')")
+    assert refused.status_code == 400 and "filter" in refused.json()["error"]["message"]
 
 
 def test_top_is_capped_by_the_server_and_pages_link_on(graph, sim):

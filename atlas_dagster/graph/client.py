@@ -393,12 +393,15 @@ class GraphClient:
 
     # -- public reads ----------------------------------------------------------------------
 
-    def pages(self, contract_key: str) -> Iterator[list[dict[str, Any]]]:
-        """Stream a collection page by page, following ``@odata.nextLink`` verbatim."""
+    def pages(
+        self, contract_key: str, *, where: str | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Stream a collection page by page (only the objects ``where``, an OData ``$filter``,
+        admits), following ``@odata.nextLink`` verbatim."""
         contract = self._contract(contract_key)
         if contract.paging == "delta":
             raise ValueError(f"{contract_key} is a delta contract; use delta()")
-        url: str | None = self._url(contract, contract.relative_url())
+        url: str | None = self._url(contract, contract.relative_url(where=where))
         while url is not None:
             data = self._request(contract, url)
             yield self._page_value(contract, data)

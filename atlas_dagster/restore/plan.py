@@ -39,6 +39,7 @@ from graph_contracts import (
     classify,
     missing_permissions,
     object_name,
+    odata_eq,
     restore_skip,
 )
 
@@ -251,7 +252,7 @@ class Planner:
         self.source_connection_id = source_connection_id
         self.source_tenant_id = source_tenant_id
         # The backup's own tenant, when it is another and still configured: where the names
-        # of the named locations its policies name are read.
+        # of the users and named locations its policies name are read.
         self.source_client = source_client
         self.log = log
 
@@ -358,6 +359,7 @@ class Planner:
                 refs.groups,
             )
         self._map_locations(backed, refs)
+        self._map_users(backed, refs)
         restored = {(b.contract.key, b.external_id) for b in backed}
         filter_names = _filter_names(backed)
         for key, table in (("assignment_filters", refs.filters), ("scope_tags", refs.scope_tags)):
@@ -399,7 +401,7 @@ class Planner:
     def _map_locations(self, backed: list[_Backed], refs: rules.References) -> None:
         """Named locations map like groups: the same id where the target has it, else the one
         target location of the source's name. Read only when a policy names one."""
-        wanted = sorted({v for b in backed for v in rules.named_locations(b.obj)})
+        wanted = sorted({v for b in backed for v in rules.ca_references(b.obj, "named location")})
         if not wanted:
             return
         try:
@@ -430,6 +432,53 @@ class Planner:
                 refs,
                 refs.locations,
             )
+
+    def _map_users(self, backed: list[_Backed], refs: rules.References) -> None:
+        """Users map like groups, each looked up on its own (a directory is never listed): the
+        same id where the target has it, else the one target user with the source user's
+        display name."""
+        wanted = sorted({v for b in backed for v in rules.ca_references(b.obj, "user")})
+        for source_id in wanted:
+            try:
+                if self.client.read_object("users", source_id) is not None:
+                    refs.users[source_id] = source_id
+                    continue
+            except GraphError as exc:
+                if exc.reason_code in FATAL_FOR_ALL_TYPES:
+                    raise
+                if refs.same_tenant:
+                    # Its own tenant's id stays what it was (Graph checks it on the write); an
+                    # app without User.Read.All loses only the check.
+                    refs.users[source_id] = source_id
+                else:
+                    refs.why_not[source_id] = f"user {source_id} in the target: {exc.message}"
+                continue
+            name = self._source_user_name(source_id)
+            found: list[str] = []
+            if name is not None:
+                where = odata_eq("displayName", name)
+                try:
+                    found = [
+                        str(u["id"])
+                        for page in self.client.pages("users", where=where)
+                        for u in page
+                    ]
+                except GraphError as exc:
+                    if exc.reason_code in FATAL_FOR_ALL_TYPES:
+                        raise
+                    refs.why_not[source_id] = f"users named {name!r} in the target: {exc.message}"
+                    continue
+            _map_by_name("user", source_id, name, set(), {name or "": found}, refs, refs.users)
+
+    def _source_user_name(self, user_id: str) -> str | None:
+        if self.source_client is None:
+            return None
+        try:
+            user = self.source_client.read_object("users", user_id)
+        except GraphError as exc:
+            self.log.info(f"user {user_id} in the source tenant: {exc.message}")
+            return None
+        return str(user["displayName"]) if user and user.get("displayName") else None
 
     def _row(
         self,

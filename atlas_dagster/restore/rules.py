@@ -103,13 +103,23 @@ def _element(value: Any) -> Any:
     return out
 
 
-def named_locations(obj: Mapping[str, Any]) -> set[str]:
-    """The named locations (ids) a conditional access policy includes or excludes."""
-    locations = (obj.get("conditions") or {}).get("locations") or {}
+# Where a conditional access policy names users and named locations by id: (the holder under
+# ``conditions``, its lists).
+CA_REFERENCES = {
+    "user": ("users", ("includeUsers", "excludeUsers")),
+    "named location": ("locations", ("includeLocations", "excludeLocations")),
+}
+
+
+def ca_references(obj: Mapping[str, Any], kind: str) -> set[str]:
+    """The users or named locations (``kind`` of CA_REFERENCES) a conditional access policy
+    includes or excludes by id (keywords such as ``All`` are not ids)."""
+    holder_key, keys = CA_REFERENCES[kind]
+    holder = (obj.get("conditions") or {}).get(holder_key) or {}
     return {
         v
-        for key in ("includeLocations", "excludeLocations")
-        for v in locations.get(key) or ()
+        for key in keys
+        for v in holder.get(key) or ()
         if isinstance(v, str) and v not in _CA_KEYWORDS
     }
 
@@ -176,9 +186,9 @@ def changes(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[dict[
 class References:
     """Where the ids a backed-up object names point in the target tenant.
 
-    ``groups``/``filters``/``scope_tags``/``locations`` (conditional access named locations)
-    map a source id to the target's id (or a placeholder for an object this restore creates
-    first); ``why_not`` says why an id has no target.
+    ``groups``/``filters``/``scope_tags``/``users``/``locations`` (the last two named by
+    conditional access policies) map a source id to the target's id (or a placeholder for an
+    object this restore creates first); ``why_not`` says why an id has no target.
     Same-tenant restores keep ids that exist in the target; names are matched only when an id
     is gone, and never guessed when several target objects share the name."""
 
@@ -186,6 +196,7 @@ class References:
     groups: dict[str, str] = field(default_factory=dict)
     filters: dict[str, str] = field(default_factory=dict)
     scope_tags: dict[str, str] = field(default_factory=dict)
+    users: dict[str, str] = field(default_factory=dict)
     locations: dict[str, str] = field(default_factory=dict)
     why_not: dict[str, str] = field(default_factory=dict)
 
@@ -251,21 +262,13 @@ def map_references(contract: Contract, obj: Mapping[str, Any], refs: References)
         for key in ("includeGroups", "excludeGroups"):
             if isinstance(users.get(key), list):
                 users[key] = many("group", refs.groups, users[key])
-        locations = conditions.get("locations") or {}
-        named = named_locations(out.obj)
-        for key in ("includeLocations", "excludeLocations"):
-            if isinstance(locations.get(key), list):
-                locations[key] = [
-                    one("named location", refs.locations, v) if v in named else v
-                    for v in locations[key]
-                ]
-        for key in ("includeUsers", "excludeUsers"):
-            for value in users.get(key) or ():
-                if value not in _CA_KEYWORDS and not refs.same_tenant:
-                    problem(
-                        RESTORE_REFERENCE_UNMAPPED,
-                        f"the user {value} belongs to the source tenant; map it by hand",
-                    )
+        for kind, (holder_key, keys) in CA_REFERENCES.items():
+            ids = ca_references(out.obj, kind)
+            table = refs.users if kind == "user" else refs.locations
+            holder = conditions.get(holder_key) or {}
+            for key in keys:
+                if isinstance(holder.get(key), list):
+                    holder[key] = [one(kind, table, v) if v in ids else v for v in holder[key]]
     if contract.key == "policy_sets" and not refs.same_tenant and out.obj.get("items"):
         problem(
             RESTORE_REFERENCE_UNMAPPED,

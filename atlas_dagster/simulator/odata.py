@@ -3,6 +3,7 @@ stored objects into response objects. Pure functions over dicts."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -128,6 +129,20 @@ def _shape_navigation(value: Any, how: Shape) -> Any:
     if isinstance(value, dict):
         return shape(value, how)
     return value
+
+
+_EQ = re.compile(r"^\s*(\w+)\s+eq\s+'((?:[^']|'')*)'\s*$")
+
+
+def parse_filter(text: str | None) -> tuple[str, str] | None:
+    """``$filter=field eq 'value'`` as (field, value); the one form a restore sends. Anything
+    else is refused as Graph refuses a clause it cannot apply."""
+    if text is None:
+        return None
+    match = _EQ.match(text)
+    if match is None:
+        raise QueryError(f"Invalid filter clause: {text}")
+    return match.group(1), match.group(2).replace("''", "'")
 
 
 def contract_shape(select: tuple[str, ...], expand: tuple[str, ...]) -> Shape:

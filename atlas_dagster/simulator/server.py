@@ -28,7 +28,14 @@ import httpx
 
 from atlas_dagster.simulator.auth import Answer, Authority, b64url, b64url_decode
 from atlas_dagster.simulator.faults import FaultPlan
-from atlas_dagster.simulator.odata import QueryError, Shape, parse_expand, parse_select, shape
+from atlas_dagster.simulator.odata import (
+    QueryError,
+    Shape,
+    parse_expand,
+    parse_filter,
+    parse_select,
+    shape,
+)
 from atlas_dagster.simulator.tenant import SimulatedTenant
 from atlas_dagster.simulator.writes import (
     REFERENCE_OBJECTS,
@@ -50,7 +57,7 @@ DELTA_PAGE = 100  # directory delta pages without a Prefer header
 DELTA_PAGE_MAX = 200  # the most `Prefer: odata.maxpagesize` gets for directory objects
 # Members of a group beyond this many arrive on a later delta page, as Graph splits them.
 MEMBERS_PER_PAGE = 4
-QUERY_OPTIONS = {"$select", "$expand", "$top", "$skiptoken", "$deltatoken"}
+QUERY_OPTIONS = {"$select", "$expand", "$top", "$skiptoken", "$deltatoken", "$filter"}
 _TIMEOUT = object()
 _BAD_JSON = (
     "Unable to read JSON request payload. Please ensure Content-Type header is set and payload "
@@ -440,6 +447,7 @@ class GraphSimulator:
             "top": int(top) if top else None,
             "skiptoken": values.get("$skiptoken"),
             "deltatoken": values.get("$deltatoken"),
+            "filter": parse_filter(values.get("$filter")),
         }
 
     # --- collections and items -----------------------------------------------------------------
@@ -470,6 +478,9 @@ class GraphSimulator:
         else:
             source = self.tenant.stored_policies(contract.key)
             context = _entity_set(contract)
+        if options["filter"] is not None:
+            name, value = options["filter"]
+            source = [o for o in source if o.get(name) == value]
         limit = PAGE_MAX.get(contract.key, DEFAULT_PAGE_MAX)
         size = min(options["top"] or limit, limit)
         offset = 0

@@ -28,7 +28,7 @@ from graph_contracts import CONTRACTS, POLICY_CONTRACTS, Contract, is_builtin
 _EPOCH_TS = int(p.EPOCH.timestamp())
 # Directory objects a tenant holds besides its policies; a generated tenant has none (a test
 # adds them with add_policy), so no profile's reads change.
-DIRECTORY_OBJECTS = frozenset({"named_locations"})
+DIRECTORY_OBJECTS = frozenset({"named_locations", "users"})
 
 
 @dataclass(frozen=True)
