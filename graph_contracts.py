@@ -670,18 +670,6 @@ _contracts: list[Contract] = [
         modified_field=None,
         throttle="directory",
     ),
-    Contract(
-        key="users.get",
-        title="Users: one user",
-        path="/users/{id}",
-        api_version="v1.0",
-        select=("id", "displayName", "userPrincipalName"),
-        paging="none",
-        permissions=(USERS,),
-        modified_field=None,
-        throttle="directory",
-        parent="users",
-    ),
     # --- Tenant administration --------------------------------------------------------------
     Contract(
         key="assignment_filters",
@@ -1387,8 +1375,8 @@ def _write_contracts(policy: Contract) -> list[Contract]:
 
 
 def _object_read(policy: Contract) -> Contract:
-    """One object of a writable policy collection by id, as its listing returns it (a restore
-    re-reads its target before the first write and reads it back after the last)."""
+    """One object of a collection by id, as its listing returns it (a restore re-reads its
+    target before the first write and reads it back after the last)."""
     return Contract(
         key=f"{policy.key}.get",
         title=f"{policy.title}: one object",
@@ -1405,7 +1393,9 @@ def _object_read(policy: Contract) -> Contract:
 
 
 _contracts = [_with_writes(c) for c in _contracts]
-_contracts += [_object_read(c) for c in _contracts if c.writes]
+# Collections besides the writable ones that are read one object at a time (users.get).
+_READ_BY_ID = ("users",)
+_contracts += [_object_read(c) for c in _contracts if c.writes or c.key in _READ_BY_ID]
 _write_contract_list = [w for c in _contracts if c.writes for w in _write_contracts(c)]
 
 CONTRACTS: dict[str, Contract] = {c.key: c for c in (*_contracts, *_write_contract_list)}
