@@ -146,7 +146,7 @@ def test_every_contract_path_is_matched_by_its_own_template():
     for key, contract in CONTRACTS.items():
         path = contract.path.replace("{id}", "00000000-0000-0000-0000-000000000001")
         assert key in matching_contracts(f"/{contract.api_version}{path}")
-    assert matching_contracts("/v1.0/users") == []
+    assert matching_contracts("/v1.0/applications") == []
     assert matching_contracts("/beta/deviceManagement/configurationPolicies/x/y") == []
 
 
