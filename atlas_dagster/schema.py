@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData(
     naming_convention={
@@ -42,21 +43,7 @@ class UTCDateTime(sa.TypeDecorator):
         return value
 
 
-class JSONType(sa.TypeDecorator):
-    """JSON on SQLite, JSONB on PostgreSQL. The PostgreSQL dialect is imported only when a
-    PostgreSQL database is used: commands that only read SQLite start faster without it."""
-
-    impl = sa.JSON
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect):
-        if dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import JSONB
-
-            return dialect.type_descriptor(JSONB())
-        return dialect.type_descriptor(sa.JSON())
-
-
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 

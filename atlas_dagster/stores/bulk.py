@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
-from atlas_dagster.schema import JSONType, UTCDateTime
+from atlas_dagster.schema import UTCDateTime
 
 _ROWS_PER_CALL = 10_000
 
@@ -125,7 +125,7 @@ def storable_rows(
 
 
 def _is_json(column: sa.Column) -> bool:
-    return isinstance(column.type, JSONType)
+    return isinstance(column.type, sa.JSON)
 
 
 def _is_text(column: sa.Column, keep: Iterable[str]) -> bool:
