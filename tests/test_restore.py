@@ -648,6 +648,27 @@ def test_an_object_of_the_name_created_since_the_plan_is_not_duplicated(env):
     assert len(tenant.policies("compliance_policies")) == count
 
 
+def test_intents_of_a_deprecated_template_are_skipped_and_each_template_is_read_once(env):
+    sim, tenant = env.sims["contoso"], env.tenant
+    deprecated = next(t for t, v in p.TEMPLATES.items() if v.get("isDeprecated"))
+    base = tenant.policies("endpoint_security_intents")[0]
+    made = []
+    for n in range(3):
+        obj = copy.deepcopy(base)
+        obj.pop("id")
+        obj.update(displayName=f"Old baseline {n}", templateId=deprecated)
+        made.append(tenant.add_policy("endpoint_security_intents", obj))
+    set_id = env.backup()
+    for obj in made:
+        tenant.delete_policy("endpoint_security_intents", obj["id"])
+    before = sim.stats.per_contract["endpoint_security_templates.item"]
+    plan_id = env.plan(set_id, items=tuple(o["id"] for o in made))
+    for item in env.items(plan_id):
+        assert (item.action, item.reason_code) == (rules.SKIP, "restore_unsupported")
+        assert "deprecated" in (item.message or "")
+    assert sim.stats.per_contract["endpoint_security_templates.item"] - before == 1
+
+
 def test_every_writable_type_comes_back_from_a_deletion_and_a_rename(env):
     tenant = env.tenant
     set_id = env.backup()

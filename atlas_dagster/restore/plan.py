@@ -148,6 +148,7 @@ class Planner:
         self.connection_id = connection_id
         self.source_connection_id = source_connection_id
         self.source_tenant_id = source_tenant_id
+        self._templates: dict[str, dict[str, Any] | None] = {}
         self.references = ReferenceMapper(
             client,
             engine,
@@ -348,6 +349,19 @@ class Planner:
             **common,
         )
 
+    def _template(self, contract_key: str, template_id: str) -> dict[str, Any] | None:
+        """A template by id, read once per plan however many deleted objects were made from
+        it; None when Graph has no such template."""
+        if template_id not in self._templates:
+            try:
+                found = dict(self.client.read_details(contract_key, [template_id]))
+                self._templates[template_id] = found.get(template_id) or {}
+            except GraphError as exc:
+                if exc.status != 404:
+                    raise
+                self._templates[template_id] = None
+        return self._templates[template_id]
+
     def _template_refusal(
         self, contract: Contract, obj: Mapping[str, Any]
     ) -> tuple[str, str] | None:
@@ -357,13 +371,9 @@ class Planner:
         template_id = obj.get(check.id_from)
         if not template_id:
             return RESTORE_UNSUPPORTED, f"the backup names no {check.id_from}"
-        try:
-            found = dict(self.client.read_details(check.contract, [str(template_id)]))
-        except GraphError as exc:
-            if exc.status == 404:
-                return RESTORE_UNSUPPORTED, f"the template {template_id} no longer exists"
-            raise
-        template = found.get(str(template_id)) or {}
+        template = self._template(check.contract, str(template_id))
+        if template is None:
+            return RESTORE_UNSUPPORTED, f"the template {template_id} no longer exists"
         if template.get(check.field) == check.refused:
             return (
                 RESTORE_UNSUPPORTED,
