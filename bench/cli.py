@@ -20,12 +20,10 @@ the storm; request units at the tenant's minimum (without throttling); the readi
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
-from served import machine, served
+from served import machine, report, served
 
 CONDITIONS = {
     "30ms": {"latency_ms": 30, "throttle_every": None, "goal_s": 2.5},
@@ -110,11 +108,7 @@ def main() -> None:
     for name in args.conditions.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             results.append(_condition(name, args.database_url, Path(tmp), args.verbose))
-    print(json.dumps({"machine": machine(), "conditions": results}, indent=2))
-    failed = problems(results)
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        sys.exit(1)
+    report({"machine": machine(), "conditions": results}, problems(results))
 
 
 if __name__ == "__main__":

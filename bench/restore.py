@@ -45,14 +45,12 @@ each command's stderr, with times, on this script's stderr.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from served import machine, served
+from served import machine, report, served
 
 GOAL_S = 3.0
 MAX_WRITE_OVERHEAD = 1.10
@@ -312,11 +310,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
         result = run(url, args.latency_ms, Path(tmp), args.verbose)
-    print(json.dumps(result, indent=2))
-    failed = problems(result)
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        sys.exit(1)
+    report(result, problems(result))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,14 @@ class Cli:
         return answer, wall, answered if answered is not None else wall
 
 
+def report(result: Any, failed: list[str]) -> None:
+    """Print a benchmark's figures as JSON; exit 1 with a FAILED line when a goal was missed."""
+    print(json.dumps(result, indent=2))
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        sys.exit(1)
+
+
 def machine(tries: int = 3) -> dict[str, float]:
     """How fast this machine starts Python and imports Dagster (best of ``tries``): the fixed
     cost in every command's wall time, printed so numbers from different machines compare."""
