@@ -474,11 +474,11 @@ def cmd_restore_plan(args: argparse.Namespace) -> int:
     config = _config(args)
     from atlas_dagster.db import ready_engine
     from atlas_dagster.restore.plan import Selection
-    from atlas_dagster.stores.backups import require_set
+    from atlas_dagster.stores.backups import SET_COMPLETE, SET_PARTIAL, require_set
 
     engine = ready_engine(config)
     backup = _backup_store_call(require_set, engine, args.set)
-    if backup.status not in ("complete", "partial"):
+    if backup.status not in (SET_COMPLETE, SET_PARTIAL):
         raise UsageError(f"backup set #{backup.id} is {backup.status}: it cannot be restored")
     connection = args.connection or backup.provider_connection
     selection = Selection(_csv_arg(args.types), _csv_arg(args.items), args.keep_ca_state)

@@ -67,6 +67,7 @@ def run_demo(config: AtlasConfig, out=sys.stdout) -> int:
     print(f"Dagster instance: {home}", file=out)
     worst = 0
     sets: dict[str, int] = {}
+    plan_id: int | None = None
     for n, (label, run_type, kwargs) in enumerate(steps, 1):
         print(f"[{n}/{len(steps)}] {label} …", end="", flush=True, file=out)
         started = time.monotonic()
@@ -90,11 +91,13 @@ def run_demo(config: AtlasConfig, out=sys.stdout) -> int:
             worst = 1
         if run_type == "backup_schedule.run_now" and row.context.get("backup_schedule_run_id"):
             sets[kwargs["schedule"]] = int(row.context["backup_schedule_run_id"])
-    _summary(engine, out)
+        if run_type == "restore.plan" and row.context.get("restore_run_id"):
+            plan_id = int(row.context["restore_run_id"])
+    _summary(engine, out, plan_id)
     return worst
 
 
-def _summary(engine: sa.Engine, out) -> None:
+def _summary(engine: sa.Engine, out, plan_id: int | None) -> None:
     print("\nRows per table:", file=out)
     with engine.connect() as conn:
         for name in SUMMARY_TABLES:
@@ -107,15 +110,23 @@ def _summary(engine: sa.Engine, out) -> None:
             f"{k}={v}" for k, v in row.summary_counts.items() if isinstance(v, int) and v
         )
         print(f"  #{row.id:<4} {row.type:<28} {row.status}/{row.outcome:<20} {counts}", file=out)
-    print(
-        "\nWhere to look next:\n"
-        "  .venv/bin/atlas-dagster runs             the ledger (add --json for machines)\n"
-        "  .venv/bin/atlas-dagster backups list     backup sets; backups diff A B; backups export\n"
-        "  .venv/bin/atlas-dagster restore show 1   what restoring the backup would do\n"
-        "  DAGSTER_HOME=$PWD/.atlas/dagster .venv/bin/dagster dev -w workspace.yaml\n"
-        "                                           these runs, assets, checks and metadata in the UI\n"
-        "  .venv/bin/python -c 'from atlas_dagster import analytics; "
-        "print(analytics.assignments())'\n"
-        "                                           the cached tables as pandas DataFrames",
-        file=out,
+    ui = "DAGSTER_HOME=$PWD/.atlas/dagster .venv/bin/dagster dev -w workspace.yaml"
+    analytics = (
+        ".venv/bin/python -c 'from atlas_dagster import analytics; print(analytics.assignments())'"
     )
+    nexts = [
+        (".venv/bin/atlas-dagster runs", "the ledger (add --json for machines)"),
+        (".venv/bin/atlas-dagster backups list", "backup sets; backups diff A B; backups export"),
+        *(
+            [(f".venv/bin/atlas-dagster restore show {plan_id}", "what restoring would do")]
+            if plan_id is not None
+            else []
+        ),
+        (ui, "these runs, assets, checks and metadata in the UI"),
+        (analytics, "the cached tables as pandas DataFrames"),
+    ]
+    print("\nWhere to look next:", file=out)
+    for command, what in nexts:
+        # A long command gets its explanation on the next line, aligned with the others.
+        gap = f"\n{'':<43}" if len(command) > 39 else " " * (41 - len(command))
+        print(f"  {command}{gap}{what}", file=out)

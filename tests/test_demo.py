@@ -42,4 +42,6 @@ def test_demo_runs_every_operation_on_the_embedded_default(tmp_path):
         # Nothing changed since the backup: the plan has nothing to do.
         actions = conn.exec_driver_sql("SELECT DISTINCT action FROM restore_items").fetchall()
         assert actions == [("unchanged",)]
+        [plan_id] = conn.exec_driver_sql("SELECT id FROM restore_plans").scalars().all()
+    assert f"atlas-dagster restore show {plan_id} " in done.stdout
     engine.dispose()
