@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -99,9 +100,7 @@ class Execution:
     results: list[ItemResult] = field(default_factory=list)
 
     def summary(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for r in self.results:
-            counts[r.result] = counts.get(r.result, 0) + 1
+        counts = dict(Counter(r.result for r in self.results))
         counts["verified"] = sum(1 for r in self.results if r.verified)
         counts["unverified"] = sum(1 for r in self.results if r.verified is False)
         counts["writes"] = sum(r.writes_sent for r in self.results)
